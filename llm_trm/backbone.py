@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from llm_trm.errors import BackboneError
+from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BACKBONE = "HuggingFaceTB/SmolLM3-3B"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+# recorded with every artifact: which tensor a stored or compressed state is
+HIDDEN_STATE_CONVENTION = "transformers output_hidden_states[layer]; -1 = after the final norm (lm_head input)"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from llm_trm.data.problems import load_problems
 from llm_trm.data.shards import HiddenPairDataset, iter_records, read_index, verify_shards
 from llm_trm.datagen import build_parser, expand_seed_flags
 from llm_trm.errors import ConfigMismatchError, DataError, LLMTRMError
-from llm_trm.modules.datagen import DatagenModule, split_thinking, truncate_at_end
+from llm_trm.modules.datagen import DatagenModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,47 +87,6 @@ def datagen_args(backbone: Path, dataset: str, output_dir: Path, **overrides) ->
 
 def run_datagen(*args: str) -> int:
     return cli.main(["datagen", *args])
-
-
-# --------------------------------------------------------------------------- post-processing
-
-
-class PieceTokenizer:
-    """Decodes ids as fixed text pieces: lets a test split the closing tag over several tokens."""
-
-    def __init__(self, pieces: list[str]) -> None:
-        self.pieces = pieces
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.pieces[i] for i in ids)
-
-
-def test_split_thinking_finds_a_tag_spread_over_tokens():
-    pieces = ["So", " 3+4=7.", " </", "think", ">\n", "The answer"]
-    decode = PieceTokenizer(pieces).decode
-    thinking, closed = split_thinking([0, 1, 2, 3, 4, 5], decode)
-    assert closed and thinking == [0, 1]
-    # a token that holds text and the start of the tag is dropped with the tag
-    pieces = ["So", " done.\n</", "think>", "x"]
-    thinking, closed = split_thinking([0, 1, 2, 3], PieceTokenizer(pieces).decode)
-    assert closed and thinking == [0]
-
-
-def test_split_thinking_single_token_tag_and_no_tag(tiny_backbone_dir):
-    tokenizer = load_backbone(str(tiny_backbone_dir)).tokenizer
-    close = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
-    words = tokenizer.encode("3 + 4 = 7", add_special_tokens=False)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    assert split_thinking(words + [close], decode) == (words, True)
-    assert split_thinking(words + [close] + words, decode) == (words, True)
-    assert split_thinking(words, decode) == (words, False)
-    assert split_thinking([], decode) == ([], False)
-
-
-def test_truncate_at_end_stops_at_eos_or_padding():
-    assert truncate_at_end([5, 6, 2, 7, 0], {0, 2}) == [5, 6]
-    assert truncate_at_end([5, 6], {0, 2}) == [5, 6]
-    assert truncate_at_end([0, 5], {0}) == []
 
 
 # --------------------------------------------------------------------------- the module

@@ -19,8 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 
 # When a source has no size of its own (a generator), this many problems are made.
 DEFAULT_GENERATED_SIZE = 1000

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from llm_trm.errors import ConfigMismatchError, DataError, LLMTRMError
+from llm_trm.files import TMP_SUFFIX, atomic_write_text, fsync_dir, fsync_file, move_aside, sha256_file, tmp_path
 
 try:  # advisory lock against two writers of the same rank; POSIX only
     import fcntl
@@ -45,7 +45,6 @@ FORMAT_NAME = "llm-trm-hidden-pairs"
 FORMAT_VERSION = 1
 CONFIG_FILE = "datagen_config.json"
 INDEX_FILE = "index.json"
-TMP_SUFFIX = ".tmp"
 REQUIRED_RECORD_KEYS = (
     "sample_id",
     "problem",
@@ -78,45 +77,6 @@ def _corrupt(directory: Path, file: str, what: str) -> ShardCorruptError:
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes renames durable; some filesystems refuse fsync on directories, which is harmless.
-    try:
-        _fsync_file(path)
-    except OSError:
-        pass
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + TMP_SUFFIX)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file, fsync, rename and fsync the directory: readers see old or new, never half."""
-    tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
@@ -307,18 +267,6 @@ def _check_output_dir_usable(output_dir: Path) -> None:
         raise OutputDirError(f"cannot write to {target}: check the permissions of output_dir {output_dir}")
 
 
-def _move_aside(output_dir: Path) -> Path:
-    """Rename a previous run out of the way (never delete it) and return where it went."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = output_dir.with_name(f"{output_dir.name}.old-{stamp}")
-    suffix = 1
-    while target.exists():
-        target = output_dir.with_name(f"{output_dir.name}.old-{stamp}-{suffix}")
-        suffix += 1
-    os.rename(output_dir, target)
-    return target
-
-
 class ShardWriter:
     """Writes hidden pairs into shards of ``shard_size`` samples, resumably.
 
@@ -364,7 +312,7 @@ class ShardWriter:
             self._next_shard = 1 + max((self._shard_number(s.file) for s in self._own_shards), default=-1)
             self._remove_incomplete_files()
             if rank == 0 and not (self.output_dir / CONFIG_FILE).exists():
-                _atomic_write_text(self.output_dir / CONFIG_FILE, json.dumps(self.config, indent=2, sort_keys=True))
+                atomic_write_text(self.output_dir / CONFIG_FILE, json.dumps(self.config, indent=2, sort_keys=True))
         except BaseException:
             self._release_lock()
             raise
@@ -382,7 +330,7 @@ class ShardWriter:
                 )
             return
         if self.output_dir.is_dir() and any(self.output_dir.iterdir()):
-            self.moved_aside_to = _move_aside(self.output_dir)
+            self.moved_aside_to = move_aside(self.output_dir)
 
     def _acquire_lock(self) -> int | None:
         if fcntl is None:
@@ -504,10 +452,10 @@ class ShardWriter:
         stem = self._shard_stem(self._next_shard)
         tensor_path = self.output_dir / f"{stem}.safetensors"
         records_path = self.output_dir / f"{stem}.jsonl"
-        tensor_tmp, records_tmp = _tmp_path(tensor_path), _tmp_path(records_path)
+        tensor_tmp, records_tmp = tmp_path(tensor_path), tmp_path(records_path)
 
         save_file(self._shard_tensors(), str(tensor_tmp), metadata=self._shard_metadata())
-        _fsync_file(tensor_tmp)
+        fsync_file(tensor_tmp)
         with open(records_tmp, "w", encoding="utf-8") as f:
             f.writelines(sample.record_line + "\n" for sample in self._buffer)
             f.flush()
@@ -518,9 +466,9 @@ class ShardWriter:
             rank=self.rank,
             num_samples=len(self._buffer),
             num_bytes=tensor_tmp.stat().st_size,
-            sha256=_sha256_file(tensor_tmp),
+            sha256=sha256_file(tensor_tmp),
             records_num_bytes=records_tmp.stat().st_size,
-            records_sha256=_sha256_file(records_tmp),
+            records_sha256=sha256_file(records_tmp),
             hidden_size=int(self.hidden_size),  # type: ignore[arg-type]
             dtype=_dtype_name(self.dtype),
             sample_ids=[sample.sample_id for sample in self._buffer],
@@ -528,7 +476,7 @@ class ShardWriter:
         )
         os.replace(tensor_tmp, tensor_path)
         os.replace(records_tmp, records_path)
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
 
         self._own_shards.append(info)
         self._write_index()  # the shard exists from here on
@@ -564,7 +512,7 @@ class ShardWriter:
             "datagen_config": self.config,
             "shards": [s.to_json() for s in self._own_shards],
         }
-        _atomic_write_text(self.output_dir / index_file_name(self.rank), json.dumps(payload))
+        atomic_write_text(self.output_dir / index_file_name(self.rank), json.dumps(payload))
 
     def close(self) -> None:
         """Flush the partial last shard and release the directory."""
@@ -627,7 +575,7 @@ def _verify_records(directory: Path, info: ShardInfo) -> list[str]:
     path = directory / info.records_file
     if not path.is_file():
         return [f"{info.records_file}: missing"]
-    if _sha256_file(path) != info.records_sha256:
+    if sha256_file(path) != info.records_sha256:
         return [f"{info.records_file}: sha256 mismatch (corrupt or truncated)"]
     try:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -649,7 +597,7 @@ def _verify_tensors(directory: Path, info: ShardInfo) -> list[str]:
     size = path.stat().st_size
     if size != info.num_bytes:
         return [f"{info.file}: {size} bytes, index says {info.num_bytes} (truncated or overwritten)"]
-    if _sha256_file(path) != info.sha256:
+    if sha256_file(path) != info.sha256:
         return [f"{info.file}: sha256 mismatch (corrupt)"]
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -811,7 +759,7 @@ class HiddenPairDataset(Dataset):
         # A size check is cheap and catches truncation before anything is memory-mapped.
         if path.stat().st_size != info.num_bytes:
             raise _corrupt(self.directory, info.file, f"has {path.stat().st_size} bytes, index says {info.num_bytes}")
-        if self.verify_checksums and _sha256_file(path) != info.sha256:
+        if self.verify_checksums and sha256_file(path) != info.sha256:
             raise _corrupt(self.directory, info.file, "fails its sha256 checksum")
         try:
             handle = safe_open(str(path), framework="pt")
@@ -1181,7 +1129,7 @@ def export_seed_pairs(
         "hidden_size": dataset.hidden_size,
     }
     pt_path = Path(pt_path)
-    tmp = _tmp_path(pt_path)
+    tmp = tmp_path(pt_path)
     torch.save(data, tmp)
     os.replace(tmp, pt_path)
     return len(items)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_trm.errors import ArtifactNotFoundError, ConfigMismatchError
+from llm_trm.files import atomic_write_text
 
 CONFIG_NAME = "config.json"
 FALLBACK_WEIGHTS_NAME = "model.safetensors"
@@ -40,7 +41,7 @@ class PretrainedMixin:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
         save_file(state, str(directory / self.weights_name), metadata={"format": "pt"})
         payload = {"model_type": self.model_type, **self.config(), "metadata": meta}
-        _atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
         return directory
 
     @classmethod
@@ -97,15 +98,6 @@ def resolve_pretrained_folder(path_or_hub_id: str | os.PathLike, weights_name: s
             "check the repo id and your network, or pass a local export folder."
         ) from err
     return Path(config_path).parent
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

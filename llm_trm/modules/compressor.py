@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_trm.backbone import DEFAULT_BACKBONE, backbone_id, hidden_size_of
+from llm_trm.backbone import DEFAULT_BACKBONE, HIDDEN_STATE_CONVENTION, backbone_id, hidden_size_of
 from llm_trm.errors import ConfigMismatchError
 from llm_trm.eval.figures import compressor_vs_pca, log_figure, pca_spectrum
 from llm_trm.eval.metrics import VectorQuality
@@ -28,7 +28,6 @@ from llm_trm.models.baselines import UncentredPCA
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_update, warmup_cosine
 
-HIDDEN_STATE_CONVENTION = "transformers output_hidden_states[layer]; -1 = after the final norm (lm_head input)"
 
 
 class CompressorModule(FrozenBackboneMixin, L.LightningModule):

@@ -36,8 +36,7 @@ from torch import Tensor
 
 from llm_trm.backbone import (
     DEFAULT_BACKBONE,
-    THINK_CLOSE,
-    THINK_OPEN,
+    HIDDEN_STATE_CONVENTION,
     backbone_id,
     default_dtype,
     hidden_size_of,
@@ -50,10 +49,10 @@ from llm_trm.data.problems import Problem, build_chat_prompt, supports_enable_th
 from llm_trm.data.shards import ShardWriter, read_index
 from llm_trm.eval.answers import check_answer
 from llm_trm.modules.common import FrozenBackboneMixin
+from llm_trm.thinking import THINK_CLOSE, cut_at_end, opening_tag_end, split_at_close
 
 log = logging.getLogger(__name__)
 
-HIDDEN_STATE_CONVENTION = "transformers output_hidden_states[layer]; -1 = after the final norm (lm_head input)"
 POSITIONS_CONVENTION = (
     "pre = token_ids[:pre_length] (prompt up to and including the opening think tag); "
     "post = token_ids[post_position] (last token of the closing think tag); right-padded extraction pass"
@@ -121,53 +120,6 @@ def sum_over_ranks(strategy: Any, counts: list[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- token helpers
-
-
-def truncate_at_end(ids: Sequence[int], end_ids: set[int]) -> list[int]:
-    """Generated ids up to (excluding) the first EOS or padding token."""
-    for position, token in enumerate(ids):
-        if token in end_ids:
-            return list(ids[:position])
-    return list(ids)
-
-
-def split_thinking(ids: Sequence[int], decode: Callable[[list[int]], str]) -> tuple[list[int], bool]:
-    """(thinking ids before the closing tag, whether the model closed it itself).
-
-    The tag may span several tokens or share a token with surrounding text, so it is
-    found in decoded text: the shortest prefix whose text contains the tag, then the
-    longest prefix whose text ends before the tag starts. The caller appends the
-    canonical tag tokens, so every sample ends at the same kind of position.
-    """
-    ids = list(ids)
-    if THINK_CLOSE not in decode(ids):
-        return ids, False
-    low, high = 1, len(ids)  # find the shortest prefix containing the tag (monotone in length)
-    while low < high:
-        middle = (low + high) // 2
-        if THINK_CLOSE in decode(ids[:middle]):
-            high = middle
-        else:
-            low = middle + 1
-    tag_start = decode(ids[:low]).index(THINK_CLOSE)
-    keep = low - 1
-    while keep > 0 and len(decode(ids[:keep])) > tag_start:
-        keep -= 1
-    return ids[:keep], True
-
-
-def opening_tag_end(tokenizer: Any, prompt_text: str, prompt_ids: list[int]) -> int:
-    """Number of prompt tokens up to and including the last opening think tag.
-
-    Falls back to the whole prompt when tokenization merges the tag with what follows.
-    """
-    tag_at = prompt_text.rfind(THINK_OPEN)
-    if tag_at < 0:
-        return len(prompt_ids)
-    head_ids = tokenizer.encode(prompt_text[: tag_at + len(THINK_OPEN)], add_special_tokens=False)
-    if prompt_ids[: len(head_ids)] == head_ids:
-        return len(head_ids)
-    return len(prompt_ids)
 
 
 @dataclass
@@ -352,7 +304,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             **self._extra_generate_kwargs(),
         )
         end_ids = self._end_ids()
-        return [truncate_at_end(row, end_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+        return [cut_at_end(row, end_ids) for row in output[:, input_ids.shape[1] :].tolist()]
 
     def _extra_generate_kwargs(self) -> dict[str, Any]:
         """Hook for subclasses and tests (e.g. a logits processor); none by default."""
@@ -363,7 +315,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         close_ids = self._close_ids
         thoughts = []
         for item, new_ids in zip(prepared, generated):
-            thinking_ids, closed = split_thinking(new_ids, self._decode)
+            thinking_ids, closed = split_at_close(new_ids, self._decode)
             thoughts.append(_Thought(thinking_ids, closed, item.prompt_ids + thinking_ids + close_ids))
         return thoughts
 
@@ -554,7 +506,4 @@ __all__ = [
     "HiddenPair",
     "HiddenPairWriter",
     "build_datagen_config",
-    "opening_tag_end",
-    "split_thinking",
-    "truncate_at_end",
 ]
