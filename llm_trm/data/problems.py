@@ -53,6 +53,11 @@ class Problem:
     entry_point: str = ""  # code: function name when the dataset has one
     difficulty: float | None = None
 
+    @property
+    def has_gold(self) -> bool:
+        """Whether the problem can be checked: a gold answer (math) or tests (code)."""
+        return bool(self.tests.strip()) if self.kind == "code" else bool(str(self.gold_answer).strip())
+
 
 Row = Mapping[str, Any]
 RowConverter = Callable[[Row], dict[str, Any]]
