@@ -523,6 +523,9 @@ def test_test_split_is_reported_with_the_validation_metrics(shards, compressor_d
     for name, value in direct_scores(module, module.ema.module, data.splits["test"]).items():
         assert tested[f"test/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert module.baseline_results["test"] != module.baseline_results["val"]
+    # `llm-trm validate` without a fit first: the baselines are fitted at validation start
+    (validated,) = make_trainer().validate(make_module(compressor_dir), data, verbose=False)
+    assert validated["baseline/ridge_cosine"] == pytest.approx(module.baseline_results["val"]["ridge_cosine"])
 
 
 def test_metrics_json_describes_exactly_the_exported_weights(shards, compressor_dir, tmp_path):
