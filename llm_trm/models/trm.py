@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_trm.errors import DataError
 from llm_trm.models.pretrained import PretrainedMixin
 
 __all__ = ["HALT_DECISION", "TinyRecursiveNetwork", "SequenceTRM", "TRMState", "TRMOutput"]
@@ -312,7 +313,19 @@ class SequenceTRM(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def set_normalization(self, input_mean: Tensor, input_scale: Tensor | float, target_mean: Tensor,
                           target_scale: Tensor) -> None:
-        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std [D'] of the targets."""
+        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std [D'] of the targets.
+
+        Non-finite statistics (NaN/inf in the training states) are refused: they would make every
+        prediction non-finite, and they are saved with the weights.
+        """
+        statistics = {"input_mean": input_mean, "input_scale": input_scale, "target_mean": target_mean,
+                      "target_scale": target_scale}
+        for name, value in statistics.items():
+            if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                raise DataError(
+                    f"the TRM's normalisation statistic {name} is not finite (NaN/inf in the training states): "
+                    "check the shards with `llm-trm datagen --verify DIR` and regenerate the broken ones."
+                )
         self.input_mean.copy_(input_mean)
         self.input_scale.copy_(torch.as_tensor(input_scale).clamp_min(1e-6))
         self.target_mean.copy_(target_mean)
