@@ -102,7 +102,9 @@ def test_evaluation_report_logs_eval_tags_and_the_accuracy_figure(tiny_backbone_
             (logged,) = events.Scalars(f"eval/{summary['mode']}/{name}")
             assert logged.value == pytest.approx(summary[name], rel=1e-6, abs=1e-7), (summary["mode"], name)
     assert {summary["mode"] for summary in report["summary"]} == {"cot", "no_think", "trm", "trm_first_token"}
-    assert events.Scalars("eval/trm/mean_trm_steps")[0].value >= 1
+    trm = next(summary for summary in report["summary"] if summary["mode"] == "trm")
+    assert 1 <= trm["mean_trm_steps"] <= 2  # the TRM's N_sup
+    assert events.Scalars("eval/trm/mean_trm_steps")[0].value == pytest.approx(trm["mean_trm_steps"])
     assert events.Tags()["images"] == ["eval/accuracy_vs_tokens"]
 
 
