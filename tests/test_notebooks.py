@@ -36,8 +36,8 @@ def run_tiny_evaluation(output_dir: Path, backbone: Path, compressor: Path, trm:
     problems = output_dir / "toy.jsonl"
     questions = TOY_QUESTIONS[:2] + ["apples " * 600] + TOY_QUESTIONS[2:]
     problems.write_text("".join(json.dumps({"question": q, "answer": str(i)}) + "\n" for i, q in enumerate(questions)))
-    config = {"backbone": str(backbone), "compressor": str(compressor), "trm": str(trm), "datasets": f"jsonl:{problems}",
-              "split": "test", "num_samples": len(questions), "modes": EVAL_MODES, "batch_size": 2,
+    config = {"backbone": str(backbone), "compressor": str(compressor), "trm": str(trm),
+              "datasets": f"jsonl:{problems}", "split": "test", "num_samples": len(questions), "modes": EVAL_MODES, "batch_size": 2,
               "max_new_tokens": 3, "max_thinking_tokens": 2, "dtype": "float32", "device": "cpu",
               "output_dir": str(output_dir), "progress": False,
               **({"exclude_from": str(exclude_from)} if exclude_from else {})}
