@@ -22,7 +22,6 @@ and `DatagenProgressBar` shows samples/s and thinking tokens/s.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import astuple, dataclass, field
@@ -190,11 +189,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         return int(getattr(config, "max_position_embeddings", None) or 10**9)
 
     def prompt_fingerprint(self) -> str:
-        """Hash of everything that shapes the prompt text: chat template and instructions."""
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        parts = [str(template), problem_registry.THINKING_SYSTEM_PROMPT, problem_registry.MATH_INSTRUCTION,
-                 problem_registry.CODE_INSTRUCTION]
-        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+        """Hash of the rendered prompt text (template, system prompt, instructions, pinned date)."""
+        return problem_registry.prompt_fingerprint(self.tokenizer)
 
     def prompt_format(self) -> str:
         if supports_enable_thinking(self.tokenizer):
