@@ -497,6 +497,7 @@ def test_two_ddp_ranks_write_their_own_shards_and_resume_unevenly(tiny_backbone_
     assert (out / "index.json").is_file() and (out / "index.rank1.json").is_file()
     assert {info.rank for info in read_index(out)} == {0, 1}
     assert "samples written     5" in first.stdout
+    assert "    five: 5 samples, closed its thinking" in first.stdout  # per-dataset counts summed over both ranks
 
     # lose rank 0's last shard (1 sample): on resume rank 1 has nothing to do
     index = json.loads((out / "index.json").read_text())
@@ -506,6 +507,9 @@ def test_two_ddp_ranks_write_their_own_shards_and_resume_unevenly(tiny_backbone_
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "samples written     1   (in output: 5)" in second.stdout
+    # the shard whose entry was dropped is moved aside, not deleted
+    assert "set aside           2 file(s)" in second.stdout
+    assert sorted(p.name for p in out.glob("aside-r00-*/*")) == sorted([dropped["file"], dropped["records_file"]])
     ids = [record["sample_id"] for record in iter_records(out)]
     assert sorted(ids) == [f"five:{i}" for i in range(5)]
     assert verify_shards(out).ok

@@ -62,15 +62,14 @@ class _SplitSummary:
         self.token_sum = torch.zeros(dim, dtype=torch.float64)
         self.token_count = 0
         self.picks = uniform_positions(sum(kept_lengths), max_tokens, seed)
-        self.token_sample = torch.zeros(len(self.picks), dim)
+        self.token_sample = torch.empty(len(self.picks), dim)
 
-    def add_tokens(self, tokens: Tensor) -> None:
-        """Pre tokens [k, D] (fp64) in stream order; the ones at the drawn positions are kept."""
-        start, stop = self.token_count, self.token_count + tokens.shape[0]
+    def add_tokens(self, states: Tensor, rows: Tensor) -> None:
+        """The split's next pre tokens, `states[rows]` in stream order; those at drawn positions are kept."""
+        start, stop = self.token_count, self.token_count + rows.numel()
         lo, hi = torch.searchsorted(self.picks, torch.tensor([start, stop])).tolist()
         if hi > lo:
-            self.token_sample[lo:hi] = tokens[self.picks[lo:hi] - start].float()
-        self.token_sum += tokens.sum(0)
+            self.token_sample[lo:hi] = states[rows[self.picks[lo:hi] - start]].float()
         self.token_count = stop
 
     def result(self) -> PairSummaries:
@@ -144,18 +143,20 @@ def _summarise_shard(
     present = sorted(set(code[selected].tolist()))
 
     for states, sample, position in pre_chunks(handle, info.lengths):
-        bad = nonfinite_rows(states) & selected[sample]
-        if bad.any():
-            raise _nonfinite_error(directory, info, "pre", info.sample_ids[int(sample[bad][0])])
         keep = selected[sample] & (position >= keep_from[sample])
-        tokens, token_sample = states[keep].double(), sample[keep]
-        sums.index_add_(0, token_sample, tokens)
-        is_last = keep & (position == lengths[sample] - 1)
+        if not bool(keep.all()):
+            states, sample, position = states[keep], sample[keep], position[keep]
+        sums.index_add_(0, sample, states.double())  # a NaN / inf makes its sample's sum non-finite
+        is_last = position == lengths[sample] - 1
         last_sample, last_states = sample[is_last], states[is_last].float()
         for c in present:
-            summaries[c].add_tokens(tokens[code[token_sample] == c])
-            mine = code[last_sample] == c
-            summaries[c].last[row[last_sample[mine]]] = last_states[mine]
+            mine = code[sample] == c
+            summaries[c].add_tokens(states, mine.nonzero().squeeze(1))
+            mine_last = code[last_sample] == c
+            summaries[c].last[row[last_sample[mine_last]]] = last_states[mine_last]
+    bad = nonfinite_rows(sums) & selected
+    if bad.any():
+        raise _nonfinite_error(directory, info, "pre", info.sample_ids[int(bad.nonzero()[0])])
 
     post = handle.get_tensor("post")
     bad = nonfinite_rows(post) & selected
@@ -177,5 +178,6 @@ def _summarise_shard(
         target = row[mine]
         summary = summaries[c]
         summary.pooled[target] = (sums[mine] / kept_lengths[mine, None]).float()
+        summary.token_sum += sums[mine].sum(0)
         summary.post[target] = post[mine].float()
         summary.filled[target] = True
