@@ -2,7 +2,7 @@
 
     llm-trm datagen --config configs/phase2/datagen.yaml [--data.dataset gsm8k,mbpp]
     llm-trm datagen --config configs/phase2/datagen.yaml --trainer.devices 8 --trainer.strategy ddp
-    llm-trm datagen --verify DIR                              # check every shard's checksum
+    llm-trm datagen --verify DIR                              # check every shard; per-dataset stats
     llm-trm datagen --import-seed hidden_pairs.pt --output_dir DIR
     llm-trm datagen --export-seed DIR --output hidden_pairs.pt
 
@@ -99,7 +99,8 @@ def expand_seed_flags(argv: list[str]) -> list[str]:
 def _maintenance_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-trm datagen", description=DESCRIPTION)
     modes = parser.add_mutually_exclusive_group(required=True)
-    modes.add_argument("--verify", metavar="DIR", help="check every shard's checksum, shapes and records")
+    modes.add_argument("--verify", metavar="DIR", help="check every shard's checksum, shapes, finite states and "
+                       "records; report closed thinking, accuracy and thinking tokens per dataset")
     modes.add_argument("--import-seed", metavar="PT", help="convert a seed-format hidden_pairs.pt into shards")
     modes.add_argument("--export-seed", metavar="DIR", help="write shards back as a seed-format hidden_pairs.pt")
     parser.add_argument("--output_dir", "--writer.output_dir", dest="output_dir", help="shards to write (import)")
@@ -169,10 +170,14 @@ def format_summary(summary: DatagenSummary, seconds: float) -> str:
     accuracy = "n/a (no answers checked)"
     if stats.accuracy is not None:
         accuracy = f"{100 * stats.accuracy:.1f}% ({stats.correct} / {stats.checked})"
+    closed = "n/a (no samples)"
+    if stats.closed_share is not None:
+        closed = f"{100 * stats.closed_share:.1f}% ({stats.closed} / {stats.total.closed_known}) closed by the LLM itself"
     per_sample = stats.thinking_tokens / stats.generated if stats.generated else 0.0
     rows = [
         ("samples written", f"{summary.written}   (in output: {summary.total_in_output})"),
         ("skipped (too long)", str(stats.skipped_too_long)),
+        ("closed thinking", closed),
         ("forced closes", f"{stats.forced_closes} / {stats.generated}"),
         ("accuracy", accuracy),
         ("thinking tokens", f"{stats.thinking_tokens} ({per_sample:.1f} per sample)"),
@@ -180,10 +185,22 @@ def format_summary(summary: DatagenSummary, seconds: float) -> str:
                       f"{stats.thinking_tokens / seconds:.1f} thinking tokens/s)"),
         ("output dir", summary.output_dir),
     ]
+    if summary.tensorboard_dir:
+        rows.append(("tensorboard", summary.tensorboard_dir))
     if summary.moved_aside_to:
         rows.append(("previous output", f"moved aside to {summary.moved_aside_to}"))
+    if summary.rebuilt_index:
+        rows.append(("index", "was missing: rebuilt from the shards that verify"))
+    if summary.set_aside:
+        where = ", ".join(summary.aside_dirs) or f"{summary.output_dir}/aside-*"
+        rows.append(("set aside", f"{summary.set_aside} file(s) this run could not account for, moved (not deleted) "
+                                  f"to {where}; the log says why"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(["datagen summary"] + [f"  {name:<{width}}  {value}" for name, value in rows])
+    lines = ["datagen summary"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    if stats.per_dataset:
+        lines.append("  per dataset (this run):")
+        lines += [f"    {name}: {counts.describe()}" for name, counts in sorted(stats.per_dataset.items())]
+    return "\n".join(lines)
 
 
 def run_datagen(config: Namespace) -> DatagenSummary | None:

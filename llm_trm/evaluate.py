@@ -30,7 +30,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from llm_trm.data.problems import Problem, load_problems
-from llm_trm.data.shards import iter_records, read_datagen_config, read_index
+from llm_trm.data.shards import ShardCorruptError, iter_records, read_datagen_config, read_index
 from llm_trm.errors import DataError
 from llm_trm.inference import LATENT_MODES, MODES, AnswerResult, LatentReasoner, wilson_interval
 
@@ -109,7 +109,7 @@ def trained_problems(shards_dir: str | Path) -> TrainedProblems:
     ids = {sample_id for shard in shards for sample_id in shard.sample_ids}
     try:
         prompts = {record["problem"] for record in iter_records(directory) if record.get("problem")}
-    except (OSError, ValueError) as err:  # ids alone would miss the same problem under another id or split
+    except (OSError, ValueError, ShardCorruptError) as err:  # ids alone would miss the same problem elsewhere
         raise DataError(
             f"cannot read the records of the shards in {shards_dir} ({type(err).__name__}: {err}), so their "
             f"problems cannot be excluded by prompt text: check them with `llm-trm datagen --verify {shards_dir}`."

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +23,18 @@ from llm_trm import cli
 from llm_trm.backbone import THINK_CLOSE, THINK_OPEN, load_backbone
 from llm_trm.data.problem_datamodule import ProblemDataModule
 from llm_trm.data.problems import load_problems
-from llm_trm.data.shards import HiddenPairDataset, iter_records, read_index, verify_shards
-from llm_trm.datagen import build_parser, expand_seed_flags
+from llm_trm.data.shards import HiddenPairDataset, ShardIndexError, count_records, iter_records, read_index, verify_shards
+from llm_trm.datagen import build_parser, expand_seed_flags, format_summary
 from llm_trm.errors import ConfigMismatchError, DataError, LLMTRMError
-from llm_trm.modules.datagen import DatagenModule
+from llm_trm.modules.datagen import (
+    DatagenBatch,
+    DatagenModule,
+    DatagenStats,
+    DatagenSummary,
+    HiddenPair,
+    progress_postfix,
+    write_tensorboard,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +96,19 @@ def datagen_args(backbone: Path, dataset: str, output_dir: Path, **overrides) ->
 
 def run_datagen(*args: str) -> int:
     return cli.main(["datagen", *args])
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every event file under log_dir: tag -> [(step, value)] in write order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
 
 
 # --------------------------------------------------------------------------- the module
@@ -191,6 +213,15 @@ def test_cli_writes_mixed_shards_that_verify_and_resume_skips_them(tiny_backbone
     assert config["datasets"] == [f"jsonl:{math_jsonl}", f"jsonl:{other}"]
     summary = capsys.readouterr().out
     assert "samples written     4" in summary and "forced closes" in summary and str(out) in summary
+    # the closed share, per run and per dataset, as the records say, in the summary and in TensorBoard
+    counts = count_records(records)
+    closed = sum(c.closed for c in counts.values())
+    assert f"closed thinking     {100 * closed / 4:.1f}% ({closed} / 4) closed by the LLM itself" in summary
+    for name in ("mathp", "other"):
+        assert f"    {name}: {counts[name].describe()}" in summary
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert scalars["datagen/closed_share/mathp"] == [(4, pytest.approx(counts["mathp"].closed_share))]
+    assert scalars["datagen/samples/_all"] == [(4, 4.0)]
 
     # stored bf16 states match a fresh forward pass on the stored token ids
     dataset = HiddenPairDataset(out, dtype="float32")
@@ -204,6 +235,20 @@ def test_cli_writes_mixed_shards_that_verify_and_resume_skips_them(tiny_backbone
     assert run_datagen(*args) == 0
     assert "samples written     0   (in output: 4)" in capsys.readouterr().out
     assert len(list(iter_records(out))) == 4
+
+
+def test_the_last_m_thinking_states_are_stored_and_verify(tiny_backbone_dir, tmp_path, math_jsonl):
+    out = tmp_path / "pairs"
+    assert run_datagen(*datagen_args(tiny_backbone_dir, f"jsonl:{math_jsonl}", out, **{"model.num_post_states": 3})) == 0
+    assert verify_shards(out).ok
+    assert json.loads((out / "datagen_config.json").read_text())["num_post_states"] == 3
+    dataset = HiddenPairDataset(out, dtype="float32")
+    for index, record in enumerate(iter_records(out)):
+        item = dataset[index]
+        states = recompute(tiny_backbone_dir, record["token_ids"])
+        # the states of the closing tag's last token and the two positions before it, in order
+        assert item["post_states"].shape == (3, 64) and torch.equal(item["post_states"][-1], item["post"])
+        torch.testing.assert_close(item["post_states"], states[-3:], atol=2e-2, rtol=2e-2)
 
 
 def test_resume_with_a_different_config_is_an_error_naming_the_key(tiny_backbone_dir, tmp_path, math_jsonl):
@@ -234,6 +279,137 @@ def test_verify_detects_a_corrupted_shard(tiny_backbone_dir, tmp_path, math_json
     shard.write_bytes(bytes(data))
     assert run_datagen("--verify", str(out)) == 1
     assert "sha256 mismatch" in capsys.readouterr().out
+
+
+def test_verify_reports_the_closed_share_per_dataset(tiny_backbone_dir, tmp_path, math_jsonl, capsys):
+    out = tmp_path / "pairs"
+    run_datagen(*datagen_args(tiny_backbone_dir, f"jsonl:{math_jsonl}", out, **{"data.num_samples": 3}))
+    records = list(iter_records(out))
+    records[1]["closed_thinking"] = True  # one closed, whatever the random model did
+    records[0]["closed_thinking"] = records[2]["closed_thinking"] = False
+    rewrite_records(out, records)
+    capsys.readouterr()
+    assert run_datagen("--verify", str(out)) == 0
+    report = capsys.readouterr().out
+    assert "3 samples, closed its thinking 1/3 (33.3%)" in report and "mathp: " in report
+
+
+def rewrite_records(out: Path, records: list[dict]) -> None:
+    """Replace the records of a one-shard output and fix its index entry (an intact, edited output)."""
+    info = read_index(out)[0]
+    path = out / info.records_file
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["records_num_bytes"] = path.stat().st_size
+    index["shards"][0]["records_sha256"] = __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+    (out / "index.json").write_text(json.dumps(index))
+
+
+# --------------------------------------------------------------------------- resume never deletes
+
+
+def test_rerun_without_index_keeps_every_shard_and_duplicates_nothing(tiny_backbone_dir, tmp_path, math_jsonl, capsys):
+    out = tmp_path / "pairs"
+    args = datagen_args(tiny_backbone_dir, f"jsonl:{math_jsonl}", out, **{"writer.checkpoint_every": 2})
+    run_datagen(*args)
+    shards = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+    assert len(shards) == 4
+    (out / "index.json").unlink()
+    capsys.readouterr()
+
+    assert run_datagen(*args) == 0
+    summary = capsys.readouterr().out
+    assert "samples written     0   (in output: 4)" in summary
+    assert "index               was missing: rebuilt from the shards that verify" in summary
+    for name, content in shards.items():
+        assert (out / name).read_bytes() == content
+    ids = [record["sample_id"] for record in iter_records(out)]
+    assert sorted(ids) == [f"mathp:{i}" for i in range(4)]
+    assert verify_shards(out).ok
+
+
+def test_bit_flipped_shard_is_moved_aside_and_its_samples_generated_again_once(
+        tiny_backbone_dir, tmp_path, math_jsonl, capsys):
+    out = tmp_path / "pairs"
+    args = datagen_args(tiny_backbone_dir, f"jsonl:{math_jsonl}", out, **{"writer.checkpoint_every": 2})
+    run_datagen(*args)
+    first = read_index(out)[0]
+    shard = out / first.file
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert run_datagen(*args) == 0
+    summary = capsys.readouterr().out
+    assert "samples written     2   (in output: 4)" in summary
+    assert "set aside           2 file(s) this run could not account for, moved (not deleted)" in summary
+    aside = [p for p in out.iterdir() if p.is_dir() and p.name.startswith("aside-r00-")]
+    assert len(aside) == 1 and (aside[0] / first.file).read_bytes() == bytes(data)
+    ids = [record["sample_id"] for record in iter_records(out)]
+    assert sorted(ids) == [f"mathp:{i}" for i in range(4)]  # regenerated exactly once
+    assert sorted(first.sample_ids) == ["mathp:0", "mathp:1"] and verify_shards(out).ok
+
+
+@pytest.mark.parametrize("name", ["index.json", "datagen_config.json"])
+def test_truncated_index_or_config_is_one_line_on_resume_and_in_verify(
+        tiny_backbone_dir, tmp_path, math_jsonl, capsys, name):
+    out = tmp_path / "pairs"
+    args = datagen_args(tiny_backbone_dir, f"jsonl:{math_jsonl}", out, **{"data.num_samples": 2})
+    run_datagen(*args)
+    (out / name).write_text((out / name).read_text()[:30])
+    capsys.readouterr()
+    with pytest.raises(ShardIndexError):
+        run_datagen(*args)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-trm: error: ") and "\n" not in err and "Traceback" not in err
+    assert f"{out / name} is truncated or not valid JSON" in err
+    assert run_datagen("--verify", str(out)) == 1
+    assert f"{out / name} is truncated or not valid JSON" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- counts per dataset
+
+
+def _pair(sample_id: str, closed: bool | None, correct: bool | None, tokens: int) -> HiddenPair:
+    dataset = sample_id.split(":")[0]
+    record = {"sample_id": sample_id, "dataset": dataset, "closed_thinking": closed, "correct": correct,
+              "num_thinking_tokens": tokens}
+    return HiddenPair(torch.zeros(1, 4), torch.zeros(4), record)
+
+
+def test_datagen_stats_count_per_dataset_and_sum_over_ranks(tmp_path):
+    stats = DatagenStats()
+    stats.add(DatagenBatch(pairs=[_pair("gsm8k:0", True, True, 10), _pair("gsm8k:1", False, False, 30),
+                                  _pair("mbpp:0", True, None, 5)], skipped_too_long=["mbpp:7"]))
+    stats.add(DatagenBatch(pairs=[_pair("gsm8k:2", True, False, 20)]))
+    gsm8k, mbpp = stats.per_dataset["gsm8k"], stats.per_dataset["mbpp"]
+    assert (gsm8k.samples, gsm8k.closed, gsm8k.correct, gsm8k.checked, gsm8k.thinking_tokens) == (3, 2, 1, 3, 60)
+    assert (mbpp.samples, mbpp.closed, mbpp.checked, mbpp.skipped_too_long) == (1, 1, 0, 1)
+    assert (stats.generated, stats.forced_closes, stats.skipped_too_long) == (4, 1, 1)
+    assert stats.closed_share == 0.75 and stats.accuracy == 1 / 3
+
+    two_ranks = SimpleNamespace(root_device=torch.device("cpu"), world_size=1,
+                                reduce=lambda values, reduce_op: 2 * values)  # as if a second rank had the same
+    summed = stats.summed_over_ranks(two_ranks)
+    assert summed.per_dataset["gsm8k"].closed == 4 and summed.generated == 8 and summed.closed_share == 0.75
+
+    postfix = progress_postfix(stats, elapsed=2.0)
+    assert postfix["closed"] == "3/4" and postfix["closed by dataset"] == "gsm8k 67% mbpp 100%"
+    assert postfix["samples/s"] == "2.00" and postfix["think tok/s"] == "32.5"
+
+    summary = DatagenSummary(stats=stats, written=4, total_in_output=9, output_dir=str(tmp_path))
+    text = format_summary(summary, 2.0)
+    assert "closed thinking     75.0% (3 / 4) closed by the LLM itself" in text
+    assert "    gsm8k: 3 samples, closed its thinking 2/3 (66.7%), accuracy 1/3 (33.3%), 20.0 thinking tokens" in text
+    assert "    mbpp: 1 samples, closed its thinking 1/1 (100.0%), accuracy n/a" in text
+
+    scalars = tensorboard_scalars(write_tensorboard(summary))
+    assert scalars["datagen/closed_share/gsm8k"] == [(9, pytest.approx(2 / 3))]
+    assert scalars["datagen/closed_share/_all"] == [(9, 0.75)]
+    assert scalars["datagen/accuracy/gsm8k"] == [(9, pytest.approx(1 / 3))]
+    assert "datagen/accuracy/mbpp" not in scalars  # nothing checked: no number rather than a made-up one
+    assert scalars["datagen/thinking_tokens_per_sample/gsm8k"] == [(9, 20.0)]
 
 
 def test_unknown_dataset_is_a_one_line_error(tiny_backbone_dir, tmp_path, capsys):
@@ -332,6 +508,7 @@ def test_two_ddp_ranks_write_their_own_shards_and_resume_unevenly(tiny_backbone_
     assert (out / "index.json").is_file() and (out / "index.rank1.json").is_file()
     assert {info.rank for info in read_index(out)} == {0, 1}
     assert "samples written     5" in first.stdout
+    assert "    five: 5 samples, closed its thinking" in first.stdout  # per-dataset counts summed over both ranks
 
     # lose rank 0's last shard (1 sample): on resume rank 1 has nothing to do
     index = json.loads((out / "index.json").read_text())
@@ -341,6 +518,9 @@ def test_two_ddp_ranks_write_their_own_shards_and_resume_unevenly(tiny_backbone_
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "samples written     1   (in output: 5)" in second.stdout
+    # the shard whose entry was dropped is moved aside, not deleted
+    assert "set aside           2 file(s)" in second.stdout
+    assert sorted(p.name for p in out.glob("aside-r00-*/*")) == sorted([dropped["file"], dropped["records_file"]])
     ids = [record["sample_id"] for record in iter_records(out)]
     assert sorted(ids) == [f"five:{i}" for i in range(5)]
     assert verify_shards(out).ok

@@ -50,15 +50,12 @@ def compressor_run(tiny_backbone_dir, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def trm_run(compressor_run, tmp_path_factory) -> SimpleNamespace:
-    """A Phase 2 fit whose compressor_checkpoint is the Phase 1 run's Lightning checkpoint.
-
-    Its datamodule is the round-1 interface (train / val / test, summaries) over in-memory tensors
-    (tests/pair_datamodule.py) until HiddenPairDataModule implements it."""
+    """A Phase 2 fit whose compressor_checkpoint is the Phase 1 run's Lightning checkpoint."""
     workdir = tmp_path_factory.mktemp("phase2")
     shards = write_shards(workdir / "hidden_pairs", dim=64)
     cli = LLMTRMCLI(args=[
-        "fit", "--config", str(REPO_ROOT / "configs/phase2/trm.yaml"), "--data=tests.pair_datamodule.InMemoryPairs",
-        f"--data.init_args.data_path={shards}", "--data.init_args.val_fraction=0.25", "--data.init_args.split_seed=3",
+        "fit", "--config", str(REPO_ROOT / "configs/phase2/trm.yaml"), f"--data.init_args.data_path={shards}",
+        "--data.init_args.val_fraction=0.25", "--data.init_args.split_seed=3",
         f"--model.init_args.compressor_checkpoint={compressor_run.last}", "--data.init_args.num_workers=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", *TINY_CLI])

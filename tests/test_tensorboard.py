@@ -76,9 +76,7 @@ def test_trm_fit_logs_scheme_tags_and_figures(tmp_path, monkeypatch):
     torch.manual_seed(0)
     compressor = DimensionCompressor(d_model=D, d_compressed=D_COMPRESSED).save_pretrained(
         tmp_path / "compressor", metadata={"backbone": "tiny", "layer": -1})
-    # the round-1 datamodule interface (summaries for the baselines) over in-memory tensors: tests/pair_datamodule.py
-    main(["fit", "--config", str(REPO / "configs/phase2/trm.yaml"), "--data=tests.pair_datamodule.InMemoryPairs",
-          f"--data.init_args.data_path={shards}",
+    main(["fit", "--config", str(REPO / "configs/phase2/trm.yaml"),   f"--data.init_args.data_path={shards}",
           f"--model.init_args.compressor_checkpoint={compressor}", "--data.init_args.num_workers=0",
           "--data.init_args.batch_size=8", "--data.init_args.val_fraction=0.25", "--trainer.accelerator=cpu",
           "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_epochs=1",

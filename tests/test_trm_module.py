@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from llm_trm.cli import LLMTRMCLI
-from llm_trm.data.shards import ShardWriter, collate_hidden_pairs
+from llm_trm.data.shards import HiddenPairDataModule, ShardWriter, collate_hidden_pairs
 from llm_trm.errors import ConfigMismatchError, DataError, NonFiniteLossError
 from llm_trm.files import sha256_file
 from llm_trm.models.compressor import DimensionCompressor
@@ -26,7 +26,6 @@ from llm_trm.models.trm import SequenceTRM
 from llm_trm.modules.export import ExportBestModel, write_export
 from llm_trm.modules.trm import TRMModule, prompt_summaries
 from llm_trm.weights import NonFiniteWeightsError
-from tests.pair_datamodule import InMemoryPairs, read_samples, split_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D, D_COMPRESSED = 32, 8
@@ -84,10 +83,23 @@ def make_module(compressor_dir: Path, seed: int = 0, **overrides) -> TRMModule:
 SPLIT_SEED = 3  # 12 train / 5 val / 7 test samples of the 24
 
 
-def make_data(shards: Path, **overrides) -> InMemoryPairs:
-    """The round-1 HiddenPairDataModule interface (train / val / test, summaries) over in-memory tensors,
-    in a fixed batch order (resumption needs an order that does not depend on the global RNG)."""
-    return InMemoryPairs(str(shards), **{"batch_size": 8, "split_seed": SPLIT_SEED, **overrides})
+def make_data(shards: Path, **overrides) -> HiddenPairDataModule:
+    """The shards split train / val / test by sample id, batches in a seeded order (resumption needs an order
+    that does not depend on the global RNG)."""
+    settings = dict(batch_size=8, val_fraction=0.25, test_fraction=0.25, split_seed=SPLIT_SEED, bucket_by_length=True)
+    return HiddenPairDataModule(str(shards), **{**settings, **overrides})
+
+
+def split_items(data: HiddenPairDataModule, name: str) -> list[dict]:
+    """Every sample of one split, as the datamodule serves them."""
+    dataset = getattr(data, f"{name}_dataset")
+    return [dataset[i] for i in range(len(dataset))]
+
+
+class WithoutSummaries(HiddenPairDataModule):
+    """A datamodule that does not offer `summaries` (as a user's own one might)."""
+
+    summaries = None
 
 
 def compressed(module: TRMModule, samples: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -306,13 +318,28 @@ def test_compressor_of_another_hidden_size_is_one_line_error(shards, tmp_path):
     assert "D=32" in one_line(err) and "D=16" in str(err.value)
 
 
-def test_nonfinite_batches_are_skipped_then_stop_with_clear_error(compressor_dir, tmp_path):
-    corrupt = write_shards(tmp_path / "nan_pairs", corrupt_post=True)
+def test_nonfinite_batches_are_skipped_then_stop_with_clear_error(shards, compressor_dir, monkeypatch):
     module = make_module(compressor_dir, max_nonfinite_steps=2)
-    with pytest.raises(NonFiniteLossError) as err:  # no summaries: nothing stops the NaN before training
-        make_trainer(limit_val_batches=0).fit(module, make_data(corrupt, with_summaries=False))
+    compress = module.compress_batch
+
+    def poisoned(batch):  # what a NaN that slips past the data checks (e.g. an overflow) would look like
+        x, mask, target = compress(batch)
+        return x * float("nan"), mask, target
+
+    monkeypatch.setattr(module, "compress_batch", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
+        make_trainer(limit_val_batches=0).fit(module, make_data(shards))
     assert "2 non-finite losses in a row" in one_line(err)
     assert module.guard.skipped_total == 2 and module.trainer.global_step == 0
+
+
+def test_a_nan_state_in_the_shards_is_refused_before_training(compressor_dir, tmp_path):
+    corrupt = write_shards(tmp_path / "nan_pairs", corrupt_post=True)
+    module = make_module(compressor_dir)
+    with pytest.raises(DataError, match=r"shard .*shard-r00-00000\.safetensors holds a non-finite .*synthetic:0") as err:
+        make_trainer(limit_val_batches=0).fit(module, make_data(corrupt))
+    one_line(err)
+    assert module.trainer.global_step == 0
 
 
 def test_nonfinite_statistics_are_refused_by_the_model():
@@ -333,13 +360,20 @@ def test_nan_state_fails_fit_without_touching_the_export(shards, compressor_dir,
         make_module(compressor_dir), make_data(shards))
     before = {p.name: p.read_bytes() for p in export.iterdir()}
 
-    samples = read_samples(str(shards))
-    broken = next(s for s in samples if split_of(s["sample_id"], 0.25, 0.25, SPLIT_SEED) == "train")
-    broken[field].view(-1)[3] = float("nan")
     module = make_module(compressor_dir)
+    broken = make_data(shards)
+    broken.setup("fit")
+    # a state that turned non-finite after the shard checks (they refuse NaN in stored shards, tested above)
+    summaries = broken.summaries
+
+    def poisoned(split: str):
+        result = summaries(split)
+        getattr(result, "token_mean" if field == "pre" else "post").view(-1)[3] = float("nan")
+        return result
+
+    broken.summaries = poisoned
     with pytest.raises(DataError, match=f"statistic {statistic} is not finite") as err:
-        make_trainer(max_epochs=1, callbacks=[ExportBestModel(path=str(export))]).fit(
-            module, InMemoryPairs(samples=samples, batch_size=8, split_seed=SPLIT_SEED))
+        make_trainer(max_epochs=1, callbacks=[ExportBestModel(path=str(export))]).fit(module, broken)
     one_line(err)
     assert module.trainer.global_step == 0
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
@@ -406,7 +440,7 @@ def test_baselines_and_normalisation_match_a_direct_computation(shards, compress
     make_trainer(limit_train_batches=1, limit_val_batches=0).fit(module, data)
 
     def split(name: str):
-        items = data.splits[name]
+        items = split_items(data, name)
         weight = module.compressor.weight.detach().double()
         pooled = torch.stack([(item["pre"].double() @ weight.t()).mean(0) for item in items])
         last = torch.stack([item["pre"][-1].double() @ weight.t() for item in items])
@@ -449,8 +483,8 @@ def test_without_summaries_baselines_are_skipped_with_one_warning(shards, compre
     module = make_module(compressor_dir)
     trainer = make_trainer(limit_train_batches=1, limit_val_batches=1)
     with pytest.warns(UserWarning, match="no summaries") as warned:
-        trainer.fit(module, make_data(shards, with_summaries=False))
-        trainer.test(module, make_data(shards, with_summaries=False), verbose=False)
+        trainer.fit(module, WithoutSummaries(str(shards), batch_size=8, val_fraction=0.25, test_fraction=0.25, split_seed=SPLIT_SEED))
+        trainer.test(module, WithoutSummaries(str(shards), batch_size=8, val_fraction=0.25, test_fraction=0.25, split_seed=SPLIT_SEED), verbose=False)
     assert sum("no summaries" in str(w.message) for w in warned) == 1
     assert module.baseline_results == {} and not bool(module.trm.normalization_fitted)
     assert not [tag for tag in trainer.callback_metrics if "baseline/" in tag]
@@ -496,13 +530,13 @@ def test_validation_logs_metrics_baselines_and_first_token_agreement(tiny_backbo
         f"baseline/{name}_{space}cosine" for name in ("mean", "ridge", "last_token") for space in ("", "full_")] + [
         "val/loss", "val/halt_prob", "val/steps_used", "val/halt_accuracy", "train/halt_threshold"]
     assert not [tag for tag in expected if tag not in logged]
-    direct = direct_scores(module, module.ema.module, data.splits["val"])
+    direct = direct_scores(module, module.ema.module, split_items(data, "val"))
     for name, value in direct.items():
         assert float(logged[f"val/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert float(logged["val/loss"]) == pytest.approx(direct["mse"], rel=1e-5)
     assert float(logged["val/cosine_step3"]) == pytest.approx(direct["cosine"], rel=1e-5)  # nothing halted yet
     # first-token agreement: lm_head of the tiny backbone on the decompressed prediction vs the real state
-    batch, x, _ = compressed(module, data.splits["val"])
+    batch, x, _ = compressed(module, split_items(data, "val"))
     with torch.no_grad():
         predicted = module.compressor.decompress(module.ema.module(x, batch["pre_mask"]).prediction)
         head = module.llm.model.get_output_embeddings()
@@ -520,7 +554,7 @@ def test_test_split_is_reported_with_the_validation_metrics(shards, compressor_d
     assert {tag.replace("test/", "val/", 1) for tag in tested if not tag.startswith("test/baseline/")} == val_tags
     assert {tag: value for tag, value in tested.items() if tag.startswith("test/baseline/")} == pytest.approx(
         {f"test/baseline/{name}": value for name, value in module.baseline_results["test"].items()})
-    for name, value in direct_scores(module, module.ema.module, data.splits["test"]).items():
+    for name, value in direct_scores(module, module.ema.module, split_items(data, "test")).items():
         assert tested[f"test/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert module.baseline_results["test"] != module.baseline_results["val"]
     # `llm-trm validate` without a fit first: the baselines are fitted at validation start
@@ -540,8 +574,8 @@ def test_metrics_json_describes_exactly_the_exported_weights(shards, compressor_
     for split in ("val", "test"):
         reported = metrics["splits"][split]
         assert reported["role"] == {"val": "selection", "test": "report"}[split]
-        assert reported["num_samples"] == len(data.splits[split])
-        for name, value in direct_scores(module, exported, data.splits[split]).items():
+        assert reported["num_samples"] == len(split_items(data, split))
+        for name, value in direct_scores(module, exported, split_items(data, split)).items():
             assert reported["model"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, name)
         assert reported["baselines"] == module.baseline_results[split]
     assert metrics["weights_sha256"] == {"trm.safetensors": sha256_file(tmp_path / "trm" / "trm.safetensors")}

@@ -19,7 +19,6 @@ reads the DataModule; `warm_start_steps` comes from the model's config (the CLI 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,17 +29,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from llm_trm.data.problem_datamodule import ProblemList, check_sources
 from llm_trm.data.problems import Problem, load_problems
-from llm_trm.data.shards import index_files, iter_records
+from llm_trm.data.shards import index_files, iter_records, unit_hash
 from llm_trm.errors import DataError
 from llm_trm.rl.curriculum import DifficultyCurriculum
 
 Difficulty = Literal["thinking_tokens", "base_correctness", "none"]
 DIFFICULTIES = ("thinking_tokens", "base_correctness", "none")
-
-
-def _unit_hash(text: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass
@@ -115,7 +109,7 @@ class CurriculumSampler(DistributedSampler):
     def draw(self, batch_number: int, step: int) -> list[int]:
         active = self.active(step)
         generator = torch.Generator().manual_seed(
-            int(_unit_hash(f"{self.rank}:{self.epoch}:{batch_number}", self.seed) * 2**62))
+            int(unit_hash(f"{self.rank}:{self.epoch}:{batch_number}", self.seed) * 2**62))
         if len(active) >= self.batch_size:  # distinct problems in a batch when there are enough
             picks = torch.randperm(len(active), generator=generator)[: self.batch_size]
         else:
@@ -214,7 +208,7 @@ class GRPODataModule(L.LightningDataModule):
     def _split(self, problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
         """Hold out val_samples problems: unrecorded ones first (Phase 2 never saw them), then by id hash."""
         def held_out_first(problem: Problem) -> tuple[bool, float]:
-            return problem.sample_id in self.records, _unit_hash(problem.sample_id, self.seed)
+            return problem.sample_id in self.records, unit_hash(problem.sample_id, self.seed)
 
         val_ids = {p.sample_id for p in sorted(problems, key=held_out_first)[: self.val_samples]}
         train = [p for p in problems if p.sample_id not in val_ids]

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -44,7 +45,7 @@ from llm_trm.backbone import (
 from llm_trm.batching import pad_token_ids
 from llm_trm.data import problems as problem_registry
 from llm_trm.data.problems import Problem, supports_enable_thinking
-from llm_trm.data.shards import ShardWriter, read_index
+from llm_trm.data.shards import DatasetCounts, ShardWriter, dataset_of, read_index, sum_counts
 from llm_trm.eval.answers import check_answer
 from llm_trm.generation import GREEDY, Decoding, generate
 from llm_trm.latent import Prompt, encode_prompt, pre_states, prompt_pass
@@ -69,6 +70,7 @@ class HiddenPair:
     pre: Tensor  # [pre_length, D]
     post: Tensor  # [D]
     record: dict[str, Any]
+    post_states: Tensor | None = None  # [m, D], the last m states ending at the closing tag (m > 1 only)
 
     @property
     def num_thinking_tokens(self) -> int:
@@ -85,36 +87,81 @@ class DatagenBatch:
 
 @dataclass
 class DatagenStats:
-    """Running counts of one rank (summed over ranks at the end)."""
+    """Running counts of one rank, per dataset (summed over ranks at the end)."""
 
-    generated: int = 0
-    skipped_too_long: int = 0
-    forced_closes: int = 0
-    checked: int = 0
-    correct: int = 0
-    thinking_tokens: int = 0
+    per_dataset: dict[str, DatasetCounts] = field(default_factory=dict)
+
+    def _counts(self, dataset: str) -> DatasetCounts:
+        return self.per_dataset.setdefault(dataset, DatasetCounts())
 
     def add(self, batch: DatagenBatch) -> None:
-        self.generated += len(batch.pairs)
-        self.skipped_too_long += len(batch.skipped_too_long)
+        for sample_id in batch.skipped_too_long:
+            self._counts(sample_id.rsplit(":", 1)[0]).skipped_too_long += 1
         for pair in batch.pairs:
-            record = pair.record
-            self.forced_closes += not record["closed_thinking"]
-            self.thinking_tokens += pair.num_thinking_tokens
-            if record["correct"] is not None:
-                self.checked += 1
-                self.correct += bool(record["correct"])
+            self._counts(dataset_of(pair.record)).add_record(pair.record)
+
+    @property
+    def total(self) -> DatasetCounts:
+        return sum_counts(self.per_dataset)
+
+    @property
+    def generated(self) -> int:
+        return self.total.samples
+
+    @property
+    def skipped_too_long(self) -> int:
+        return self.total.skipped_too_long
+
+    @property
+    def forced_closes(self) -> int:
+        return self.total.forced_closes
+
+    @property
+    def closed(self) -> int:
+        return self.total.closed
+
+    @property
+    def checked(self) -> int:
+        return self.total.checked
+
+    @property
+    def correct(self) -> int:
+        return self.total.correct
+
+    @property
+    def thinking_tokens(self) -> int:
+        return self.total.thinking_tokens
 
     @property
     def accuracy(self) -> float | None:
-        return self.correct / self.checked if self.checked else None
+        return self.total.accuracy
+
+    @property
+    def closed_share(self) -> float | None:
+        return self.total.closed_share
 
     def summed_over_ranks(self, strategy: Any) -> DatagenStats:
-        return DatagenStats(*sum_over_ranks(strategy, list(astuple(self))))
+        """Every rank's counts added per dataset (a collective: every rank must call it)."""
+        names = _names_over_ranks(strategy, sorted(self.per_dataset))
+        width = len(fields(DatasetCounts))
+        flat = [value for name in names for value in self.per_dataset.get(name, DatasetCounts()).as_list()]
+        summed = sum_over_ranks(strategy, flat)
+        return DatagenStats({name: DatasetCounts(*summed[i * width : (i + 1) * width]) for i, name in enumerate(names)})
+
+
+def _names_over_ranks(strategy: Any, names: list[str]) -> list[str]:
+    """The union of every rank's dataset names, in the same order on every rank."""
+    if int(getattr(strategy, "world_size", 1)) <= 1 or not torch.distributed.is_initialized():
+        return names
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return sorted(set().union(*(set(g or []) for g in gathered)))
 
 
 def sum_over_ranks(strategy: Any, counts: list[int]) -> list[int]:
     """Integer counts summed over DDP ranks (a collective: every rank must call it)."""
+    if not counts:
+        return []
     values = torch.tensor(counts, dtype=torch.float64, device=strategy.root_device)
     return [int(round(value)) for value in strategy.reduce(values, reduce_op="sum").tolist()]
 
@@ -141,6 +188,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         layer: hidden-state layer (-1: final, after the norm).
         max_new_tokens: thinking budget per problem (seed flag `--max_new_tokens`).
         max_answer_tokens: answer budget after the closing tag (0: no answer, correct is null).
+        num_post_states: m, the end-of-thinking states stored per sample: the last m positions up to and
+            including the closing tag's last token (1: only that state, the seed's target).
         do_sample: sample instead of greedy decoding (greedy by default).
         temperature: sampling temperature (only with do_sample).
         top_p: nucleus sampling mass (only with do_sample).
@@ -162,6 +211,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         top_p: float = 0.95,
         top_k: int | None = None,
         max_context_tokens: int | None = None,
+        num_post_states: int = 1,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> None:
@@ -170,6 +220,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_answer_tokens < 0:
             raise ValueError(f"max_answer_tokens must be >= 0, got {max_answer_tokens}")
+        if num_post_states < 1:
+            raise ValueError(f"num_post_states must be >= 1, got {num_post_states}")
         self.save_hyperparameters()
         self.backbone, self.layer = backbone, layer
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
@@ -229,7 +281,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             thoughts = self._think(prompts)
             pre, post = self._extract(thoughts)
             answers = self._answer(thoughts)
-            result.pairs = [HiddenPair(p, q, self._record(thought, answer))
+            result.pairs = [HiddenPair(p, q[-1], self._record(thought, answer), q if len(q) > 1 else None)
                             for thought, p, q, answer in zip(thoughts, pre, post, answers)]
         self.stats.add(result)
         return result
@@ -283,13 +335,15 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
 
     def _extract(self, thoughts: list[_Thought]) -> tuple[list[Tensor], list[Tensor]]:
         """The one extraction pass (right-padded, so a stored state can be recomputed from the record's
-        token ids alone): pre states [L_i, D] as `latent.pre_states` cuts them, and the post state [D]."""
+        token ids alone): pre states [L_i, D] as `latent.pre_states` cuts them, and the last m states
+        [m, D] ending at the closing tag's last token (the post state is the last of them)."""
         sequences = [thought.extraction_ids(self._close_ids) for thought in thoughts]
         input_ids, mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="right")
         states, _ = prompt_pass(self.llm.model, input_ids, mask, self.layer, use_cache=False)
         pre, pre_mask = pre_states(states, mask, [thought.prompt.pre_length for thought in thoughts])
         pre_rows = [pre[row, : int(pre_mask[row].sum())].cpu() for row in range(len(thoughts))]
-        post = [states[row, len(seq) - 1].cpu() for row, seq in enumerate(sequences)]
+        m = self.hparams.num_post_states
+        post = [states[row, max(0, len(seq) - m) : len(seq)].cpu() for row, seq in enumerate(sequences)]
         return pre_rows, post
 
     def _answer(self, thoughts: list[_Thought]) -> list[str]:
@@ -325,6 +379,9 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
 def build_datagen_config(module: DatagenModule, datamodule: Any, store_dtype: str) -> dict[str, Any]:
     """Everything that determines the output: the module's, the problems' and the storage's settings."""
     config = {"format": "llm-trm datagen v1", **module.datagen_settings(), "store_dtype": store_dtype}
+    num_post_states = getattr(module, "hparams", {}).get("num_post_states")
+    if num_post_states is not None:  # m end-of-thinking states per sample (shards and index record it too)
+        config.setdefault("num_post_states", int(num_post_states))
     if datamodule is not None and hasattr(datamodule, "datagen_settings"):
         config.update(datamodule.datagen_settings())
     return config
@@ -336,11 +393,18 @@ class DatagenSummary:
     written: int
     total_in_output: int
     output_dir: str
-    moved_aside_to: str | None = None
+    moved_aside_to: str | None = None  # the whole previous output (auto_resume false)
+    set_aside: int = 0  # files of the output this run could not account for, moved aside (all ranks)
+    aside_dirs: list[str] = field(default_factory=list)  # where rank 0 moved them
+    rebuilt_index: bool = False  # some rank rebuilt its missing index from the shards that verify
+    tensorboard_dir: str | None = None
 
 
 class HiddenPairWriter(BasePredictionWriter):
     """Writes each batch's pairs into resumable shards: one ShardWriter per rank.
+
+    At the end, rank 0 writes the run's per-dataset closed-thinking share, accuracy and
+    thinking tokens as TensorBoard scalars under ``<output_dir>/tensorboard``.
 
     Args:
         output_dir: shard directory (seed flag `--output_dir`).
@@ -398,7 +462,8 @@ class HiddenPairWriter(BasePredictionWriter):
                            dataloader_idx) -> None:
         assert self.writer is not None, "HiddenPairWriter.setup was not called"
         for pair in prediction.pairs:
-            self.writer.add(pair.pre, pair.post, pair.num_thinking_tokens, pair.record)
+            self.writer.add(pair.pre, pair.post, pair.num_thinking_tokens, pair.record,
+                            post_states=getattr(pair, "post_states", None))
             self._written += 1
 
     def _close(self) -> None:
@@ -412,25 +477,56 @@ class HiddenPairWriter(BasePredictionWriter):
         self._close()
         if self.writer is None:
             return
-        stats = pl_module.stats if isinstance(pl_module, DatagenModule) else DatagenStats()
+        stats = pl_module.stats if isinstance(getattr(pl_module, "stats", None), DatagenStats) else DatagenStats()
         # The collectives also wait for every rank's writer to close, so the index is final below.
         stats = stats.summed_over_ranks(trainer.strategy)
-        (written,) = sum_over_ranks(trainer.strategy, [self._written])
+        written, set_aside, rebuilt = sum_over_ranks(
+            trainer.strategy, [self._written, len(self.writer.set_aside), int(self.writer.rebuilt_index)])
         self.summary = DatagenSummary(
             stats=stats,
             written=written,
             total_in_output=_count_stored(self.output_dir),
             output_dir=str(self.output_dir),
             moved_aside_to=self._moved_aside_to,
+            set_aside=set_aside,
+            aside_dirs=[str(self.writer.aside_dir)] if self.writer.aside_dir else [],
+            rebuilt_index=bool(rebuilt),
         )
+        if trainer.global_rank == 0:
+            self.summary.tensorboard_dir = str(write_tensorboard(self.summary))
 
 
 def _count_stored(output_dir: str) -> int:
     return sum(info.num_samples for info in read_index(output_dir))
 
 
+ALL_DATASETS = "_all"  # the TensorBoard series over every dataset of the run
+
+
+def write_tensorboard(summary: DatagenSummary) -> Path:
+    """Per-dataset (and `_all`) closed share, accuracy and thinking tokens per sample of this run, as
+    scalars at step = samples in the output, in ``<output_dir>/tensorboard`` (one event file per run)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = Path(summary.output_dir) / "tensorboard"
+    step = summary.total_in_output
+    series = {**summary.stats.per_dataset, ALL_DATASETS: summary.stats.total}
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for name, counts in series.items():
+            values = {
+                "closed_share": counts.closed_share,
+                "accuracy": counts.accuracy,
+                "thinking_tokens_per_sample": counts.thinking_tokens_per_sample,
+                "samples": counts.samples,
+            }
+            for metric, value in values.items():
+                if value is not None:
+                    writer.add_scalar(f"datagen/{metric}/{name}", value, step)
+    return log_dir
+
+
 class DatagenProgressBar(TQDMProgressBar):
-    """TQDM bar over batches, with samples/s and thinking tokens/s of this rank."""
+    """TQDM bar over batches: samples/s, thinking tokens/s and the share of closed thinking (per dataset)."""
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
@@ -447,17 +543,27 @@ class DatagenProgressBar(TQDMProgressBar):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         stats = getattr(pl_module, "stats", None)
-        if stats is None or self.predict_progress_bar is None:
+        if not isinstance(stats, DatagenStats) or self.predict_progress_bar is None:
             return
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self.predict_progress_bar.set_postfix(
-            {
-                "samples/s": f"{stats.generated / elapsed:.2f}",
-                "think tok/s": f"{stats.thinking_tokens / elapsed:.1f}",
-                "forced": stats.forced_closes,
-                "skipped": stats.skipped_too_long,
-            }
+        self.predict_progress_bar.set_postfix(progress_postfix(stats, time.perf_counter() - self._started))
+
+
+def progress_postfix(stats: DatagenStats, elapsed: float) -> dict[str, str]:
+    """The bar's figures: rates, closed thinking (overall, and per dataset when there are several)."""
+    elapsed = max(elapsed, 1e-9)
+    total = stats.total
+    postfix = {
+        "samples/s": f"{total.samples / elapsed:.2f}",
+        "think tok/s": f"{total.thinking_tokens / elapsed:.1f}",
+        "closed": f"{total.closed}/{total.closed_known}",
+        "skipped": str(total.skipped_too_long),
+    }
+    if len(stats.per_dataset) > 1:
+        postfix["closed by dataset"] = " ".join(
+            f"{name} {100 * counts.closed_share:.0f}%" for name, counts in sorted(stats.per_dataset.items())
+            if counts.closed_share is not None
         )
+    return postfix
 
 
 __all__ = [
@@ -469,4 +575,7 @@ __all__ = [
     "HiddenPair",
     "HiddenPairWriter",
     "build_datagen_config",
+    "progress_postfix",
+    "sum_over_ranks",
+    "write_tensorboard",
 ]

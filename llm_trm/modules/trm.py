@@ -59,15 +59,14 @@ from torchmetrics import CatMetric, MeanMetric, Metric
 from llm_trm.errors import ConfigMismatchError, DataError
 from llm_trm.eval.figures import cosine_per_step, halting_histograms, log_figure
 from llm_trm.eval.metrics import VectorQuality
-from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor
+from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor, strip_prefix
 from llm_trm.models.baselines import MeanBaseline, RidgeBaseline
 from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.trm import SequenceTRM, TRMState
+from llm_trm.models.trm import HALT_DECISION, SequenceTRM, TRMState
 from llm_trm.modules.common import (FrozenBackboneMixin, NonFiniteGuard, advance_schedule, manual_update,
                                     schedule_length, warmup_cosine)
 from llm_trm.modules.export import sample_ids_fingerprint
 
-HALT_DECISION = 0.5  # a sample halts once sigmoid(halt_logit) exceeds this
 ADAPTIVE_THRESHOLD_FACTOR = 0.95  # the seed's curriculum: threshold = 0.95 x epoch mean cosine
 BASELINES = ("mean", "ridge", "last_token")
 HALTING_CHECKPOINT_KEY = "trm_halting"
@@ -89,10 +88,7 @@ class StepTerms:
     halt: Tensor  # [K] halt loss
     cosine: Tensor  # [K] cosine to the target (detached)
     halt_prob: Tensor  # [K] sigmoid(halt_logit) (detached)
-
-    @property
-    def halted(self) -> Tensor:
-        return self.halt_prob > HALT_DECISION
+    halted: Tensor  # [K] SequenceTRM.halts: the sample stops here
 
 
 class BatchRecord:
@@ -130,10 +126,6 @@ def prompt_summaries(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     last_index = mask.sum(1).clamp_min(1) - 1
     last = x[torch.arange(x.shape[0], device=x.device), last_index]
     return pooled, last
-
-
-def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def _upgrade_metric_keys(state_dict: dict[str, Tensor]) -> None:
@@ -418,7 +410,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     def export_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the EMA (or final) TRM as trm.safetensors + config.json, from `state_dict` if given."""
         prefix = "ema.module." if self.ema is not None else "trm."
-        weights = _strip_prefix(self.state_dict() if state_dict is None else state_dict, prefix)
+        weights = strip_prefix(self.state_dict() if state_dict is None else state_dict, prefix)
         trm = SequenceTRM(**self.trm.config())
         trm.load_state_dict(weights)
         return trm.save_pretrained(directory, metadata=self.metadata)
@@ -493,6 +485,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             halt=self.halt_loss(halt_logit, cosine),
             cosine=cosine,
             halt_prob=torch.sigmoid(halt_logit.detach()),
+            halted=self.trm.halts(halt_logit.detach()),
         )
 
     @property
@@ -633,36 +626,36 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     @torch.no_grad()
     def unroll(self, model: SequenceTRM, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Every supervision step for every sample with `model`: predictions [S, B, D'] and halt
-        probabilities [S, B]."""
+        logits [S, B]."""
         state = model.initial_state(x, mask)
-        predictions, halt_probs = [], []
+        predictions, halt_logits = [], []
         for _ in range(model.n_supervision_steps):
             state, prediction, halt_logit = model.deep_recursion(state)
             predictions.append(prediction.float())
-            halt_probs.append(torch.sigmoid(halt_logit.float()))
-        return torch.stack(predictions), torch.stack(halt_probs)
+            halt_logits.append(halt_logit.float())
+        return torch.stack(predictions), torch.stack(halt_logits)
 
-    def stopping_step(self, halt_probs: Tensor) -> Tensor:
+    def stopping_step(self, halts: Tensor) -> Tensor:
         """[B] index of the step each sample stops at: its first halt, else the last step (as in training)."""
-        last = halt_probs.shape[0] - 1
+        last = halts.shape[0] - 1
         if not self.hparams.use_halting:
-            return torch.full_like(halt_probs[0], last, dtype=torch.long)
-        halts = halt_probs > HALT_DECISION
+            return torch.full_like(halts[0], last, dtype=torch.long)
         return torch.where(halts.any(0), halts.int().argmax(0), last)
 
     @torch.no_grad()
     def score_batch(self, model: SequenceTRM, batch: dict[str, Any]) -> ScoredBatch:
         """Run `model` over a held-out batch; what every held-out metric is computed from."""
         x, mask, target = self.compress_batch(batch)
-        step_predictions, halt_probs = self.unroll(model, x, mask)
-        stop = self.stopping_step(halt_probs)
+        step_predictions, halt_logits = self.unroll(model, x, mask)
+        halts, halt_probs = model.halts(halt_logits), torch.sigmoid(halt_logits)
+        stop = self.stopping_step(halts)
         halting_cosines = torch.stack([self.halting_cosine(p, target, model) for p in step_predictions])
         decompressed = self.decompress(step_predictions[stop, torch.arange(len(stop), device=stop.device)])
         agreement = (self.first_token_agreement(decompressed, batch["post"])
                      if self.hparams.first_token_backbone else None)
         return ScoredBatch(
             step_predictions=step_predictions, halt_probs=halt_probs, stop=stop,
-            halt_correct=(halt_probs > HALT_DECISION) == (halting_cosines > self.halt_threshold),
+            halt_correct=halts == (halting_cosines > self.halt_threshold),
             target=target, decompressed=decompressed, post=batch["post"], first_token_agreement=agreement,
         )
 
@@ -713,7 +706,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
                      if f"{name}_cosine" in self.baseline_results.get("val", {})}
         log_figure(self.trainer, "val/cosine_per_step", lambda: cosine_per_step(step_cosines, baselines))
         log_figure(self.trainer, "val/halting", lambda: halting_histograms(
-            steps_used, halt_probs, self.hparams.n_supervision_steps, halt_decision=HALT_DECISION))
+            steps_used, halt_probs, self.hparams.n_supervision_steps, halt_decision=HALT_DECISION))  # the line drawn: SequenceTRM.halts' threshold
 
     def _log_quality(self, prefix: str, values: dict[str, Tensor], prog_bar: tuple[str, ...] = ()) -> None:
         for name, value in values.items():
