@@ -27,6 +27,9 @@ from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BACKBONE = "HuggingFaceTB/SmolLM3-3B"
+# the attention kernels a backbone can be loaded with (transformers' `attn_implementation`)
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
 # recorded with every artifact: which tensor a stored or compressed state is
 HIDDEN_STATE_CONVENTION = "transformers output_hidden_states[layer]; -1 = after the final norm (lm_head input)"
 
@@ -137,6 +140,20 @@ def default_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
         raise BackboneError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32.") from None
 
 
+def check_attn_implementation(name: str, dtype: torch.dtype) -> str:
+    """`name` when the backbone can be loaded with it here; a one-line error saying what to do otherwise."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise BackboneError(f"unknown attn_implementation {name!r}: use {', '.join(ATTN_IMPLEMENTATIONS)}.")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise BackboneError("attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                                "installed: `pip install flash-attn` on a CUDA machine, or use sdpa.")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise BackboneError(f"attn_implementation flash_attention_2 runs in bfloat16 or float16, not "
+                                f"{str(dtype).removeprefix('torch.')}: set backbone_dtype to bfloat16, or use sdpa.")
+    return name
+
+
 @dataclass
 class Backbone:
     """A frozen causal LM with its tokenizer and the facts artifacts record."""
@@ -175,13 +192,21 @@ class Backbone:
         return capture_hidden_states(self.model, input_ids, attention_mask, layer)
 
 
-def load_backbone(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> Backbone:
-    """Load the frozen LLM (eval mode, no grads). bf16 on GPU, fp32 on CPU by default."""
-    return _load_backbone_cached(str(spec), default_dtype(dtype), trust_remote_code)
+def load_backbone(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
+                  attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> Backbone:
+    """Load the frozen LLM (eval mode, no grads). bf16 on GPU, fp32 on CPU by default.
+
+    attn_implementation: `sdpa` (torch's fused attention, the default), `flash_attention_2`
+    (needs the flash-attn package and bf16/fp16) or `eager` (plain matmuls).
+    """
+    dtype = default_dtype(dtype)
+    attn_implementation = check_attn_implementation(attn_implementation, dtype)
+    return _load_backbone_cached(str(spec), dtype, trust_remote_code, attn_implementation)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> Backbone:
+def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool,
+                          attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> Backbone:
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_spec(spec)
@@ -189,9 +214,15 @@ def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool
     tokenizer = load_tokenizer(spec, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.location, gguf_file=resolved.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
+            resolved.location, gguf_file=resolved.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError) as err:
+    except ValueError as err:
+        if "attention" in str(err).lower() or "attn" in str(err).lower():
+            raise BackboneError(f"backbone {spec!r} cannot run with attn_implementation={attn_implementation} "
+                                f"({str(err).splitlines()[0]}): use sdpa or eager.") from err
+        raise _hub_failure(spec, err) from err
+    except OSError as err:
         raise _hub_failure(spec, err) from err
     model.eval().requires_grad_(False)
     return Backbone(model=model, tokenizer=tokenizer, backbone_id=resolved.backbone_id, spec=spec)

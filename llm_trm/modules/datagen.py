@@ -154,6 +154,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         max_context_tokens: context window; null reads the backbone's max_position_embeddings.
             A problem whose prompt plus both budgets does not fit is skipped and counted.
         backbone_dtype: `auto` (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.
+        attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
         trust_remote_code: allow custom modelling code from the Hub (off by default).
     """
 
@@ -170,6 +171,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         max_context_tokens: int | None = None,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
@@ -179,6 +181,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         self.save_hyperparameters()
         self.backbone, self.layer = backbone, layer
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.stats = DatagenStats()
 
     # ---- facts about the run ---------------------------------------------------------
@@ -222,6 +225,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             "hidden_states": HIDDEN_STATE_CONVENTION,
             "positions": POSITIONS_CONVENTION,
             "backbone_dtype": str(default_dtype(self.backbone_dtype)).removeprefix("torch."),
+            "attn_implementation": self.attn_implementation,
             "prompt": {"format": self.prompt_format(), "sha256": self.prompt_fingerprint()},
             "max_new_tokens": hp.max_new_tokens,
             "max_answer_tokens": hp.max_answer_tokens,

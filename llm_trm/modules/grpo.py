@@ -183,7 +183,8 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         gradient_clip_val: max gradient norm (0 disables).
         warmup_steps: linear learning-rate warmup, in optimizer steps, before cosine decay.
         seed: seeds the per-step sampling (with the step and the rank).
-        backbone_dtype, trust_remote_code: how the LLM is loaded.
+        backbone_dtype, trust_remote_code, attn_implementation: how the LLM is loaded (attention: sdpa,
+            flash_attention_2 with flash-attn installed, or eager).
     """
 
     def __init__(
@@ -215,12 +216,14 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         seed: int = 0,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self._check_settings()
         self.backbone, self.backbone_dtype, self.trust_remote_code = backbone, backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.warm_start_steps = warm_start_steps  # read by GRPODataModule to draw warm-start problems
         self.target_token = self._parse_reward(reward)
         # the small parts load and are checked first, so a wrong path fails before the LLM loads
