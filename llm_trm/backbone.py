@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,3 +242,43 @@ def capture_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor,
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
     return out.hidden_states[layer]
+
+
+@contextmanager
+def activation_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the frozen LLM's decoder layers keep only their inputs and recompute the rest
+    in the backward pass: far less memory for a forward that needs gradients (GRPO's teacher-forced
+    pass), one more forward of compute.
+
+    transformers checkpoints a layer only while it is in training mode; the frozen LLM stays in eval
+    mode, so only the layer modules' own flag is set (their children, attention dropout included,
+    stay in eval). The recomputation in a later backward does not need the flags any more.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if enable is None or disable is None:
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not layers:
+        raise BackboneError(f"{type(model).__name__} has no checkpointable decoder layers: set "
+                            "activation_checkpointing to false.")
+    modes = [layer.training for layer in layers]
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    enable({"use_reentrant": False})
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        disable()
+        # enabling also hooks the input embeddings to require grad (for adapters); that hook is not ours to keep
+        if not had_input_hooks and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()

@@ -134,3 +134,37 @@ def test_evaluate_has_the_attn_implementation_option():
     config = build_parser().parse_args(["--attn_implementation", "eager"])
     assert config.attn_implementation == "eager"
     assert build_parser().parse_args([]).attn_implementation == "sdpa"
+
+
+# ---- activation checkpointing through the frozen LLM -----------------------------------
+
+
+def test_activation_checkpointing_recomputes_layers_and_gives_the_same_gradients(tiny_backbone_dir):
+    llm = bb.load_backbone(str(tiny_backbone_dir), "float32")
+    model = llm.model
+    calls = []
+    # a pre-hook: the recomputation stops as soon as it has every saved tensor back, before the layer returns
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.model.layers]
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 7, llm.hidden_size)
+
+    def gradient(checkpointing: bool) -> torch.Tensor:
+        calls.clear()
+        inputs = embeds.clone().requires_grad_(True)
+        with bb.activation_checkpointing(model, checkpointing):
+            logits = model(inputs_embeds=inputs, use_cache=False).logits
+        assert not model.training and all(not layer.training for layer in model.model.layers)
+        logits.float().logsumexp(-1).sum().backward()
+        return inputs.grad
+
+    try:
+        plain, plain_calls = gradient(False), len(calls)
+        checkpointed, checkpointed_calls = gradient(True), len(calls)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert plain_calls == 4 and checkpointed_calls == 8  # each of the 4 layers ran again in the backward
+    assert torch.allclose(plain, checkpointed, atol=1e-6)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers)
+    with torch.no_grad():  # nothing is left hooked on the embeddings either
+        assert not model.get_input_embeddings()(torch.tensor([[5]])).requires_grad
