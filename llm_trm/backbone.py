@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_trm.batching import position_ids
 from llm_trm.errors import BackboneError
 from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 
@@ -230,18 +231,27 @@ def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool
     return Backbone(model=model, tokenizer=tokenizer, backbone_id=resolved.backbone_id, spec=spec)
 
 
-@torch.no_grad()
-def capture_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int = -1) -> Tensor:
-    """Hidden states [B, L, D] of one layer for a batch of token ids.
+def run_decoder(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int = -1,
+                use_cache: bool = False) -> tuple[Tensor, Any]:
+    """The frozen LLM's decoder over a padded batch: (hidden states [B, W, D] of `layer`, KV cache or None).
 
-    `layer=-1` is the output after the final norm (what `lm_head` reads), taken from
-    the decoder's last_hidden_state so the vocabulary projection is never computed.
+    The one forward pass every hidden state of the project comes from (datagen's stored
+    states, the compressor's inputs, the prompt states of evaluation and GRPO). Position ids
+    count real tokens only, so left- and right-padded rows give the same states as an
+    unpadded pass. `layer=-1` is the output after the final norm (what `lm_head` reads),
+    taken from `last_hidden_state` so the vocabulary projection is never computed.
     """
     decoder = model.base_model
-    if layer == -1:
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
-    return out.hidden_states[layer]
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                  use_cache=use_cache, output_hidden_states=layer != -1)
+    states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    return states, (out.cache if use_cache else None)
+
+
+@torch.no_grad()
+def capture_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int = -1) -> Tensor:
+    """Hidden states [B, L, D] of one layer for a batch of token ids (no cache, no gradient)."""
+    return run_decoder(model, input_ids, attention_mask, layer)[0]
 
 
 @contextmanager

@@ -1,8 +1,11 @@
 """Model cards for pushed parts: Hub metadata, held-out results with baselines, and how to reproduce them.
 
-A card is built from three things a run leaves behind:
-- the model's metadata (backbone id, layer, D, D', ...), recorded with its weights;
-- the run's TensorBoard events: the last logged value of each `val/...` and `baseline/...` tag;
+A card is built from what a run leaves behind:
+- the model's metadata (backbone id, layer, D, D', what selected the weights, ...), recorded with its weights;
+- the export folder's `metrics.json` when there is one (ExportBestModel writes it for the TRM): the
+  validation (selection) and test (report) metrics of exactly the exported weights, with the
+  baselines on the same splits; otherwise the run's TensorBoard events: the last logged value
+  of each `val/...` and `baseline/...` tag;
 - the run's `config.yaml` (LightningCLI's full configuration): `llm-trm fit --config config.yaml`
   reproduces the run.
 
@@ -13,6 +16,7 @@ is uploaded. What a card says per kind lives in a `CardTemplate` (see hub.ARTIFA
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from llm_trm.errors import LLMTRMError
+from llm_trm.files import sha256_file
 
 LIBRARY_NAME = "llm-trm"
 LICENSE = "apache-2.0"
@@ -39,6 +44,9 @@ PROBLEM_DATASET_IDS = {
     "apps": "codeparrot/apps",
 }
 MISSING_CELL = "–"
+METRICS_NAME = "metrics.json"  # written into an export folder by ExportBestModel
+# held-out splits of metrics.json, in the order a card shows them, with how the card labels them
+SPLIT_LABELS = {"val": "Validation split (selection)", "test": "Test split (report)"}
 
 
 class ModelCardError(LLMTRMError, ValueError):
@@ -59,9 +67,10 @@ class ResultsTable:
     def cells_logged(self, scalars: dict[str, float], prefix: str) -> bool:
         return any(prefix + metric in scalars for _, metric in self.rows)
 
-    def render(self, scalars: dict[str, float]) -> str:
+    def render(self, scalars: dict[str, float], heading: str = "") -> str:
         columns = [(header, prefix) for header, prefix in self.columns if self.cells_logged(scalars, prefix)]
-        lines = [f"### {self.title}", "", "| metric | " + " | ".join(h for h, _ in columns) + " |",
+        title = f"{heading}: {self.title}" if heading else self.title
+        lines = [f"### {title}", "", "| metric | " + " | ".join(h for h, _ in columns) + " |",
                  "|---|" + "---:|" * len(columns)]
         for label, metric in self.rows:
             cells = [_format(scalars.get(prefix + metric)) for _, prefix in columns]
@@ -191,6 +200,51 @@ class RunRecord:
         return cls(run_dir, read_scalars(run_dir), text, yaml.safe_load(text) or {})
 
 
+@dataclass
+class ExportMetrics:
+    """An export folder's metrics.json: held-out metrics of exactly the weights in that folder.
+
+    `splits` maps a split (`val`, `test`) to its `role`, `num_samples`, `model` metrics and
+    `baselines`; `selection` says how the weights were chosen; `weights_sha256` names the
+    weights files (relative path -> sha256) the metrics were computed from.
+    """
+
+    path: Path
+    splits: dict[str, dict[str, Any]]
+    selection: dict[str, Any]
+    weights_sha256: dict[str, str]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ExportMetrics | None:
+        path = Path(folder) / METRICS_NAME
+        if not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            return cls(path, dict(payload["splits"]), dict(payload.get("selection") or {}),
+                       dict(payload["weights_sha256"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelCardError(f"{path} cannot be read ({type(err).__name__}: {err}): re-export the run "
+                                 "(or move the file aside to card the logged values instead).") from err
+
+    def check_describes(self, folder: str | Path) -> None:
+        """The weights files in `folder` are the ones the metrics were computed from."""
+        for name, digest in self.weights_sha256.items():
+            weights = Path(folder) / name
+            if not weights.is_file() or sha256_file(weights) != digest:
+                raise ModelCardError(
+                    f"{self.path} was computed from other weights than {weights}: the card would describe "
+                    "other weights; re-export the run, or move metrics.json aside to card the logged values."
+                )
+
+    def scalars(self, split: str) -> dict[str, float]:
+        """A split's numbers under the tags the card templates read (`val/...`, `baseline/...`)."""
+        values = self.splits.get(split) or {}
+        scalars = {f"val/{name}": float(value) for name, value in (values.get("model") or {}).items()}
+        scalars.update({f"baseline/{name}": float(value) for name, value in (values.get("baselines") or {}).items()})
+        return scalars
+
+
 def read_scalars(run_dir: str | Path) -> dict[str, float]:
     """The last logged value of every scalar tag in the TensorBoard event files of `run_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -271,7 +325,15 @@ def _datagen_datasets(data_path: str) -> list[str]:
 # ---------------------------------------------------------------------------- the card
 
 
-def check_required_metrics(template: CardTemplate, run: RunRecord) -> None:
+def check_required_metrics(template: CardTemplate, run: RunRecord, metrics: ExportMetrics | None = None) -> None:
+    if metrics is not None:
+        missing = [tag for tag in template.required_tags if tag not in metrics.scalars("val")]
+        if missing:
+            raise ModelCardError(
+                f"{metrics.path} has no validation {', '.join(missing)}, so the card's results table cannot be "
+                "filled: re-export from a run whose datamodule has a validation split and baselines."
+            )
+        return
     missing = [tag for tag in template.required_tags if tag not in run.scalars]
     if missing:
         raise ModelCardError(
@@ -292,9 +354,13 @@ def check_hub_references(template: CardTemplate, metadata: dict[str, Any]) -> No
 
 
 def build_model_card(template: CardTemplate, metadata: dict[str, Any], run: RunRecord, repo_id: str,
-                     base_model: str | None = None) -> ModelCard:
-    """The README.md of a pushed part: Hub metadata, results with baselines, usage, reproduction."""
-    check_required_metrics(template, run)
+                     base_model: str | None = None, metrics: ExportMetrics | None = None) -> ModelCard:
+    """The README.md of a pushed part: Hub metadata, results with baselines, usage, reproduction.
+
+    With `metrics` (the export's metrics.json) the results are those of exactly the uploaded
+    weights, per split; without, the last values the run logged.
+    """
+    check_required_metrics(template, run, metrics)
     check_hub_references(template, metadata)
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
@@ -309,7 +375,7 @@ def build_model_card(template: CardTemplate, metadata: dict[str, Any], run: RunR
         template.summary,
         _recorded_section(metadata),
         "## Use\n\n```python\n" + template.usage.replace("{repo}", repo_id) + "\n```",
-        _results_section(template, run),
+        _export_results_section(template, metadata, metrics) if metrics else _results_section(template, run),
         _reproduce_section(run),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -317,7 +383,7 @@ def build_model_card(template: CardTemplate, metadata: dict[str, Any], run: RunR
 
 def _recorded_section(metadata: dict[str, Any]) -> str:
     lines = ["## Recorded with the weights", "", "| key | value |", "|---|---|"]
-    lines += [f"| {key} | `{value}` |" for key, value in sorted(metadata.items())]
+    lines += [f"| {key} | `{_cell(value)}` |" for key, value in sorted(metadata.items())]
     return "\n".join(lines)
 
 
@@ -330,6 +396,45 @@ def _results_section(template: CardTemplate, run: RunRecord) -> str:
     notes = [f"- {label}: {_format(run.scalars[tag])}" for label, tag in template.notes if tag in run.scalars]
     if notes:
         parts.append("\n".join(notes))
+    return "\n\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def _weights_sentence(metadata: dict[str, Any], metrics: ExportMetrics) -> str:
+    """Which weights are uploaded and how they were chosen."""
+    selection = metrics.selection or metadata.get("selection") or {}
+    kind = {"ema": "the exponential moving average of the weights", "final": "the trained weights"}.get(
+        metadata.get("weights"), "the weights")
+    files = ", ".join(f"`{name}` sha256 `{digest[:16]}…`" for name, digest in metrics.weights_sha256.items())
+    sentence = f"These are {kind} ({files})"
+    if selection.get("source") == "best checkpoint":
+        sentence += (f" of the checkpoint of epoch {selection.get('epoch')} (step {selection.get('global_step')}), "
+                     f"selected as the best {selection.get('monitor')} ({selection.get('mode')} = "
+                     f"{_format(selection.get('score'))}) on the {selection.get('split')} split")
+    elif selection:
+        sentence += f", the final weights of training (epoch {selection.get('epoch')}, no checkpoint selection)"
+    return sentence + "."
+
+
+def _export_results_section(template: CardTemplate, metadata: dict[str, Any], metrics: ExportMetrics) -> str:
+    parts = ["## Results of these weights",
+             _weights_sentence(metadata, metrics) + " The numbers below were computed after training by running "
+             "exactly these weights over each held-out split (`metrics.json` of the export). The validation "
+             "split selected the weights; the test split was used for this report only. The baselines are "
+             "fitted on the training split and scored on the same splits. " + template.metric_glossary]
+    for split, label in SPLIT_LABELS.items():
+        if split not in metrics.splits:
+            parts.append(f"### {label}\n\nThe run had no {split} split.")
+            continue
+        scalars = metrics.scalars(split)
+        heading = f"{label}, {metrics.splits[split].get('num_samples', '?')} samples"
+        parts += [table.render(scalars, heading) for table in template.tables]
+        notes = [f"- {label}: {_format(scalars[tag])}" for label, tag in template.notes if tag in scalars]
+        if notes:
+            parts.append("\n".join(notes))
     return "\n\n".join(parts)
 
 

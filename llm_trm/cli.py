@@ -43,8 +43,9 @@ def _own_command(name: str):
             raise
         return None
 
-# init args shared by a model and its datamodule: the model's value is the single source of truth
-LINKED_INIT_ARGS = ("backbone", "trust_remote_code")
+# init args a datamodule takes from its model (the model's value is the single source of truth); a link
+# applies only when both the chosen model class and the chosen datamodule class have the argument
+LINKED_INIT_ARGS = ("backbone", "trust_remote_code", "warm_start_steps")
 # what a checkpoint was trained against; resuming it under other values is an error, not a silent switch
 IDENTITY_INIT_ARGS = ("backbone", "layer", "d_compressed", "compressor_checkpoint")
 
@@ -83,15 +84,9 @@ class LLMTRMCLI(LightningCLI):
                     )
         super()._parse_ckpt_path()
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        model, data = config.get("model"), config.get("data")
-        if not model or not data:
-            return
-        model_args, data_args = model.get("init_args") or {}, data.get("init_args") or {}
+    def add_arguments_to_parser(self, parser) -> None:
         for key in LINKED_INIT_ARGS:
-            if key in model_args and key in data_args:
-                data_args[key] = model_args[key]
+            parser.link_arguments(f"model.init_args.{key}", f"data.init_args.{key}", apply_on="parse")
 
 
 def print_help() -> None:

@@ -111,8 +111,11 @@ def trained_problems(shards_dir: str | Path) -> TrainedProblems:
     ids = {sample_id for shard in shards for sample_id in shard.sample_ids}
     try:
         prompts = {record["problem"] for record in iter_records(directory) if record.get("problem")}
-    except (OSError, ValueError, KeyError):
-        prompts = set()  # the index alone still excludes by id
+    except (OSError, ValueError) as err:  # ids alone would miss the same problem under another id or split
+        raise DataError(
+            f"cannot read the records of the shards in {shards_dir} ({type(err).__name__}: {err}), so their "
+            f"problems cannot be excluded by prompt text: check them with `llm-trm datagen --verify {shards_dir}`."
+        ) from err
     return TrainedProblems(ids, prompts, datagen_config.get("split"))
 
 

@@ -58,8 +58,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def move_aside(path: str | os.PathLike, label: str = "old") -> Path:
-    """Rename `path` (file or folder) to `<name>.<label>-<timestamp>[-n]` beside it and return the new path."""
+def aside_path(path: str | os.PathLike, label: str = "old") -> Path:
+    """A free name beside `path`: `<name>.<label>-<timestamp>[-n]`."""
     path = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"{path.name}.{label}-{stamp}")
@@ -67,5 +67,11 @@ def move_aside(path: str | os.PathLike, label: str = "old") -> Path:
     while target.exists():
         target = path.with_name(f"{path.name}.{label}-{stamp}-{suffix}")
         suffix += 1
+    return target
+
+
+def move_aside(path: str | os.PathLike, label: str = "old") -> Path:
+    """Rename `path` (file or folder) to `<name>.<label>-<timestamp>[-n]` beside it and return the new path."""
+    target = aside_path(path, label)
     os.rename(path, target)
     return target

@@ -108,7 +108,8 @@ def is_lightning_checkpoint(spec: str | Path) -> bool:
     return Path(spec).suffix == ".ckpt"
 
 
-def _sub_state_dict(state_dict: StateDict, prefix: str) -> StateDict:
+def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """The entries under `prefix`, with the prefix removed (a part's weights inside a module's state dict)."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
@@ -162,7 +163,7 @@ def load_from_lightning_checkpoint(kind: ArtifactKind, path: str | Path) -> nn.M
             f"{path} holds no {kind.name} (no '{first}*' weights, e.g. '{first}weight'): "
             f"pass a checkpoint of a run that trains a {kind.name}."
         )
-    weights = _sub_state_dict(state_dict, prefix)
+    weights = strip_prefix(state_dict, prefix)
     metadata = dict(checkpoint.get(METADATA_KEY, {}))
     model = kind.model_class(**_known_args(kind.model_class, kind.constructor_args(weights, metadata)))
     model.load_state_dict(weights)

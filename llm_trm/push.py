@@ -7,8 +7,9 @@
 `--checkpoint` takes an export folder, a run's log dir (its export folder is pushed) or a
 Lightning `.ckpt`. The upload folder holds `model.safetensors`, `config.json` and
 `README.md`; `--dry-run DIR` writes exactly that folder and uploads nothing. Everything
-that can fail without the network (repo id, token, kind, card fields) fails before the
-first request.
+that can fail without the network (repo id, token, kind, non-finite weights, card fields)
+fails before the first request. An export folder's `metrics.json` (the held-out metrics of
+exactly its weights) makes the card's results; without one, the run's last logged values do.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
-from llm_trm.cards import ModelCardError, RunRecord, build_model_card, looks_like_run_dir
+from llm_trm.cards import ExportMetrics, ModelCardError, RunRecord, build_model_card, looks_like_run_dir
 from llm_trm.errors import LLMTRMError
 from llm_trm.hub import ArtifactKind, is_lightning_checkpoint, load_artifact
 from llm_trm.models.pretrained import CONFIG_NAME, FALLBACK_WEIGHTS_NAME, load_torch_checkpoint
+from llm_trm.weights import check_finite
 
 DESCRIPTION = "share a trained compressor or TRM on the Hugging Face Hub, with a generated model card"
 CARD_NAME = "README.md"
@@ -44,6 +46,7 @@ class PushSource:
     model: nn.Module
     origin: Path
     run: RunRecord
+    metrics: ExportMetrics | None = None  # the export folder's metrics.json, when it has one
 
 
 # ---------------------------------------------------------------------------- command line
@@ -124,13 +127,18 @@ def locate_source(path: Path, run_dir: Path | None = None) -> PushSource:
         raise PushError(f"{path} is not an export folder (no {CONFIG_NAME}), a run's log dir or a .ckpt file: "
                         "check --checkpoint.")
     kind, model = load_artifact(artifact)
+    check_finite(model.state_dict(), str(artifact),
+                 "these weights are broken and cannot be pushed: push an earlier export or retrain.")
+    metrics = ExportMetrics.from_folder(artifact) if artifact.is_dir() else None
+    if metrics is not None:
+        metrics.check_describes(artifact)
     run_dir = run_dir or guessed_run
     if not looks_like_run_dir(run_dir):
         raise ModelCardError(
             f"cannot find the training run of {path} (its held-out metrics and config.yaml make the model card): "
             "pass --run-dir runs/<name>/version_N."
         )
-    return PushSource(kind, model, artifact, RunRecord.from_dir(run_dir))
+    return PushSource(kind, model, artifact, RunRecord.from_dir(run_dir), metrics)
 
 
 def set_hub_references(source: PushSource, references: dict[str, str]) -> None:
@@ -144,7 +152,8 @@ def set_hub_references(source: PushSource, references: dict[str, str]) -> None:
 
 def run_artifact(run_dir: Path) -> Path:
     """The run's export folder (the best model), else its best checkpoint, else its last one."""
-    exports = sorted(p.parent for p in run_dir.glob(f"*/{CONFIG_NAME}"))
+    # dot-folders are an export being written (ExportBestModel's staging), not an export
+    exports = sorted(p.parent for p in run_dir.glob(f"*/{CONFIG_NAME}") if not p.parent.name.startswith("."))
     if len(exports) > 1:
         raise PushError(f"{run_dir} has several export folders ({', '.join(p.name for p in exports)}): "
                         "pass one of them as --checkpoint.")
@@ -171,7 +180,8 @@ def _best_model_path(last_checkpoint: Path) -> Path | None:
 
 def write_upload_folder(source: PushSource, repo_id: str, out_dir: Path, base_model: str | None = None) -> Path:
     """Write model.safetensors, config.json and README.md into `out_dir` (new, empty, or a previous dry run)."""
-    card = build_model_card(source.kind.card, dict(source.model.metadata), source.run, repo_id, base_model)
+    card = build_model_card(source.kind.card, dict(source.model.metadata), source.run, repo_id, base_model,
+                            source.metrics)
     _check_writable(out_dir)
     source.model.save_pretrained(out_dir)  # type: ignore[operator]
     weights_name: str = source.kind.model_class.weights_name  # type: ignore[assignment]

@@ -1,19 +1,23 @@
-"""Phase 3 benchmark: GRPO training speed, problems/s and sampled tokens/s per step.
+"""Phase 3 benchmark: GRPO step time at G = 8, with the prompt's KV cache reused and without.
 
-    python scripts/bench_grpo.py                                # tiny random SmolLM3 (hidden 64), CPU
-    python scripts/bench_grpo.py --backbone embedded --steps 3  # the embedded SmolLM2-135M, CPU
-    python scripts/bench_grpo.py --backbone <random-init 3B dir> --device cuda --group-size 8
+    python scripts/bench_grpo.py                                   # the BENCHMARKS.md section: tiny + embedded
+    python scripts/bench_grpo.py --backbone tiny                   # one backbone
+    python scripts/bench_grpo.py --backbone <random-init 3B dir> --device cuda
 
 Each configuration runs the real `GRPOModule.training_step` path (prompt pass, TRM,
 sampling G answers, rewards, teacher-forced forward and backward, optimizer step) through
 a Lightning Trainer, with `first_token:0` rewards so every answer runs to max_answer_tokens
-unless the LLM stops itself. One warm-up step is not timed. Prints a markdown table.
+unless the LLM stops itself. `reuse_prompt_cache` on (the default: one prompt pass whose KV
+cache serves the G samples and the log-probability pass) and off (the prompt is re-read for
+the sampling and for the log-probabilities, as before the change) alternate in one process,
+twice each; the first step of every run warms up and is not timed. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -75,13 +79,14 @@ def tiny_backbone(directory: Path) -> str:
     return str(save_tiny_backbone(directory, hidden_size=64))
 
 
-def run(backbone: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
+def run(backbone: str, work: Path, args: argparse.Namespace, reuse_prompt_cache: bool) -> dict[str, float]:
     compressor, trm = write_parts(work, backbone, args.d_compressed)
     problems = write_problems(work / "problems.jsonl", 64)
     torch.manual_seed(0)
     module = GRPOModule(backbone=backbone, compressor_checkpoint=str(compressor), trm_checkpoint=str(trm),
                         group_size=args.group_size, max_answer_tokens=args.max_answer_tokens, reward="first_token:0",
-                        halting=False, equal_reward_warn_steps=0, backbone_dtype=args.dtype)
+                        halting=False, equal_reward_warn_steps=0, backbone_dtype=args.dtype,
+                        reuse_prompt_cache=reuse_prompt_cache)
     data = GRPODataModule(datasets=f"jsonl:{problems}", num_samples=48, val_samples=0, batch_size=args.batch_size,
                           batches_per_epoch=args.steps + 1, difficulty="none")
     clock = StepClock()
@@ -90,39 +95,75 @@ def run(backbone: str, work: Path, args: argparse.Namespace) -> dict[str, float]
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[clock])
     trainer.fit(module, data)
-    times, tokens = clock.times[1:], clock.tokens[1:]  # the first step warms up
-    step = sum(times) / len(times)
-    return {"step_s": step, "problems_per_s": args.batch_size / step, "tokens_per_s": sum(tokens) / sum(times),
-            "answer_tokens": sum(tokens) / len(tokens) / (args.batch_size * args.group_size)}
+    return {"times": clock.times[1:], "tokens": clock.tokens[1:]}  # the first step warms up
+
+
+def compare(backbone: str, work: Path, args: argparse.Namespace) -> dict[bool, dict[str, float]]:
+    """Both settings, alternating (off, on, off, on), so a drifting machine affects both alike."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    tokens: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for reuse in (False, True):
+            result = run(backbone, work, args, reuse)
+            times[reuse] += result["times"]
+            tokens[reuse] += result["tokens"]
+    summary = {}
+    for reuse in (False, True):
+        step = statistics.median(times[reuse])
+        summary[reuse] = {"step_s": step, "problems_per_s": args.batch_size / step,
+                          "tokens_per_s": sum(tokens[reuse]) / sum(times[reuse]),
+                          "answer_tokens": sum(tokens[reuse]) / len(tokens[reuse]) / (args.batch_size * args.group_size),
+                          "steps": len(times[reuse])}
+    return summary
+
+
+LABELS = {"tiny": "tiny random SmolLM3 (hidden 64, 4 layers)", "embedded": "embedded SmolLM2-135M"}
+DEFAULT_SETTINGS = {"tiny": dict(max_answer_tokens=32, steps=4), "embedded": dict(max_answer_tokens=16, steps=2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="tiny", help="`tiny` (built in-process), `embedded`, or a model dir")
+    parser.add_argument("--backbone", action="append", help="`tiny` (built in-process), `embedded`, or a model dir; "
+                        "repeat for several (default: tiny and embedded)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--dtype", default="float32", help="backbone dtype")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-answer-tokens", type=int, default=32)
+    parser.add_argument("--max-answer-tokens", type=int, default=None, help="default: 32 tiny, 16 embedded")
     parser.add_argument("--d-compressed", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 4 tiny, 2 embedded)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        backbone = tiny_backbone(work / "tiny") if args.backbone == "tiny" else args.backbone
-        result = run(backbone, work, args)
-    label = "tiny random SmolLM3 (hidden 64, 4 layers)" if args.backbone == "tiny" else args.backbone
-    print(f"GRPO training step on {args.device} ({label}), {args.batch_size} problems x G={args.group_size}, "
-          f"max {args.max_answer_tokens} answer tokens, precision {args.precision}, mean of {args.steps} steps "
-          "after one warm-up step.\n")
-    print("| backbone | step (s) | problems/s | sampled tokens/s | answer tokens (mean) |")
-    print("|---|---|---|---|---|")
-    print(f"| {label} | {result['step_s']:.2f} | {result['problems_per_s']:.2f} | {result['tokens_per_s']:.1f} | "
-          f"{result['answer_tokens']:.1f} |")
+    rows = []
+    for backbone in args.backbone or ["tiny", "embedded"]:
+        settings = argparse.Namespace(**vars(args))
+        defaults = DEFAULT_SETTINGS.get(backbone, DEFAULT_SETTINGS["embedded"])
+        settings.max_answer_tokens = args.max_answer_tokens or defaults["max_answer_tokens"]
+        settings.steps = args.steps or defaults["steps"]
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            spec = tiny_backbone(work / "tiny") if backbone == "tiny" else backbone
+            rows.append((LABELS.get(backbone, backbone), settings, compare(spec, work, settings)))
+    print(f"GRPO training step on {args.device}, {args.batch_size} problems x G={args.group_size}, precision "
+          f"{args.precision}, {args.threads or torch.get_num_threads()} torch thread(s). Median step of "
+          f"{args.repeats} runs per setting, alternating, each after one warm-up step.\n")
+    print("| backbone | max answer tokens | prompt KV cache | step (s) | problems/s | sampled tokens/s | "
+          "answer tokens (mean) | steps timed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, settings, summary in rows:
+        for reuse in (False, True):
+            result = summary[reuse]
+            print(f"| {label} | {settings.max_answer_tokens} | {'reused' if reuse else 're-read'} | "
+                  f"{result['step_s']:.2f} | {result['problems_per_s']:.2f} | {result['tokens_per_s']:.1f} | "
+                  f"{result['answer_tokens']:.1f} | {result['steps']} |")
+    print()
+    for label, _, summary in rows:
+        ratio = summary[False]["step_s"] / summary[True]["step_s"]
+        print(f"- {label}: step time re-reading the prompt / reusing its cache = **{ratio:.2f}x**")
 
 
 if __name__ == "__main__":

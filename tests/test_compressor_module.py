@@ -8,13 +8,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from llm_trm.cli import LLMTRMCLI, main
-from llm_trm.errors import ConfigMismatchError, NonFiniteLossError
+from llm_trm.errors import ArtifactNotFoundError, ConfigMismatchError, DataError, NonFiniteLossError
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.pretrained import load_torch_checkpoint
 from llm_trm.modules.compressor import CompressorModule
-from tests.test_data_text import write_corpus
+from tests.test_data_text import write_corpus, write_datagen_records
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_CONFIGS = ["configs/phase1/stage1a.yaml", "configs/demo/stage1a.yaml"]
@@ -48,15 +49,68 @@ def test_stage1a_configs_fast_dev_run(config, tiny_backbone_dir, workdir):
     assert main(text_args(config, tiny_backbone_dir, workdir, "--trainer.fast_dev_run", "true")) == 0
 
 
+# (config, where it expects the 1a export, where it expects the datagen output, where it exports)
+COT_DEFAULTS = {
+    "configs/phase1/stage1b.yaml": ("runs/phase1/compressor_1a", "./data/hidden_pairs", "runs/phase1/compressor_1b"),
+    "configs/demo/stage1b.yaml": ("runs/demo/compressor_1a", "runs/demo/hidden_pairs", "runs/demo/compressor_1b"),
+}
+
+
+def cot_args(config, backbone, *extra):
+    """The stage 1b config with only the sizes changed: its own 1a export and datagen records are used."""
+    return ["fit", "--config", str(REPO / config), "--model.backbone", str(backbone), "--model.d_compressed", "8",
+            "--model.pca_batches", "1", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.precision", "32-true", *extra]
+
+
 @pytest.mark.parametrize("config", COT_CONFIGS)
-def test_stage1b_configs_fast_dev_run(config, tiny_backbone_dir, workdir):
-    init = export_tiny_1a(tiny_backbone_dir, workdir / "c1a")
-    args = ["fit", "--config", str(REPO / config), "--model.backbone", str(tiny_backbone_dir),
-            "--model.d_compressed", "8", "--model.init_from", str(init), "--model.pca_batches", "1",
-            "--data.source", "gsm_symbolic", "--data.num_samples", "4", "--data.val_samples", "2",
-            "--data.max_length", "128", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.fast_dev_run", "true"]
-    assert main(args) == 0
+def test_stage1b_configs_start_from_the_users_1a_export_and_datagen_records(config, tiny_backbone_dir, workdir):
+    init_from, records_dir, export = COT_DEFAULTS[config]
+    init = export_tiny_1a(tiny_backbone_dir, workdir / init_from)
+    distinct = DimensionCompressor.from_pretrained(init)  # unlike any fresh initialisation
+    distinct.weight.data.mul_(-1)
+    distinct.save_pretrained(init)
+    stored = write_datagen_records(workdir / records_dir, tiny_backbone_dir, count=20)  # one held out at 0.1
+    cli = LLMTRMCLI(args=cot_args(config, tiny_backbone_dir, "--trainer.max_steps", "1",
+                                  "--trainer.limit_val_batches", "1"))
+    model, data = cli.model, cli.datamodule
+    assert (model.hparams.stage, model.hparams.init_from, data.hparams.source) == ("1b", init_from, records_dir)
+    # trained on the LLM's own thinking: every sequence is a datagen record's token ids
+    train = [data.train_set[i]["input_ids"].tolist() for i in range(len(data.train_set))]
+    assert train and all(ids in stored for ids in train)
+    # started from the 1a export: one step of AdamW moves each weight by at most ~lr (first step: exactly)
+    start = DimensionCompressor.from_pretrained(init).weight
+    moved = (model.compressor.weight.detach() - start).abs().max()
+    assert 0 < moved <= model.hparams.learning_rate * 1.01
+    assert DimensionCompressor.from_pretrained(workdir / export).metadata["stage"] == "1b"
+
+
+def test_phase1_stage1b_keeps_the_seed_defaults(tiny_backbone_dir):
+    """The README's seed-flag table says 1a and 1b share the seed's defaults."""
+    stages = {}
+    for stage in ("1a", "1b"):
+        config = yaml.safe_load((REPO / f"configs/phase1/stage{stage}.yaml").read_text())
+        stages[stage] = (config["model"]["init_args"], config["data"]["init_args"], config["trainer"])
+    for stage, (model, data, trainer) in stages.items():
+        assert model["stage"] == stage and model["d_compressed"] == 256 and model["learning_rate"] == 1e-3
+        assert data["num_samples"] == 50000 and data["batch_size"] == 8 and trainer["max_epochs"] == 10
+        assert trainer["precision"] == "bf16-mixed"
+    assert stages["1b"][0]["init_from"] == "runs/phase1/compressor_1a"
+    exports = yaml.safe_load((REPO / "configs/phase1/stage1a.yaml").read_text())["trainer"]["callbacks"]
+    assert {"path": "runs/phase1/compressor_1a"} in [c.get("init_args") for c in exports]
+
+
+def test_stage1b_without_a_1a_export_says_to_run_stage_1a(tiny_backbone_dir, workdir):
+    write_datagen_records(workdir / "data" / "hidden_pairs", tiny_backbone_dir)
+    with pytest.raises(ArtifactNotFoundError, match=r"runs/phase1/compressor_1a cannot be loaded: run stage 1a first "
+                                                    r"\(`llm-trm fit --config configs/phase1/stage1a.yaml`"):
+        main(cot_args("configs/phase1/stage1b.yaml", tiny_backbone_dir, "--trainer.fast_dev_run", "true"))
+
+
+def test_stage1b_without_datagen_records_says_to_run_datagen(tiny_backbone_dir, workdir):
+    export_tiny_1a(tiny_backbone_dir, workdir / "runs" / "phase1" / "compressor_1a")
+    with pytest.raises(DataError, match=r"./data/hidden_pairs does not exist: run `llm-trm datagen` first"):
+        main(cot_args("configs/phase1/stage1b.yaml", tiny_backbone_dir, "--trainer.fast_dev_run", "true"))
 
 
 def test_fit_exports_best_and_checkpoint_holds_only_the_compressor(tiny_backbone_dir, workdir):
@@ -202,22 +256,45 @@ def test_ddp_two_processes_on_cpu(tiny_backbone_dir, workdir):
     assert set(checkpoint["state_dict"]) == {"compressor.weight"}
 
 
-def test_bf16_mixed_precision_on_cpu(tiny_backbone_dir, workdir):
-    args = text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir, "--trainer.fast_dev_run", "true")
+def test_bf16_mixed_precision_on_cpu(tiny_backbone_dir, workdir, monkeypatch):
+    """bf16-mixed runs the compressor under bf16 autocast with fp32 master weights, and the loss stays finite."""
+    seen = []
+    real_loss = CompressorModule.reconstruction_loss
+
+    def watched(self, states, recon):
+        loss = real_loss(self, states, recon)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), recon.dtype, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(CompressorModule, "reconstruction_loss", watched)
+    args = text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir, "--trainer.max_steps", "2",
+                     "--trainer.limit_val_batches", "1")
     args[args.index("--trainer.precision") + 1] = "bf16-mixed"
-    assert main(args) == 0
+    cli = LLMTRMCLI(args=args)
+    assert cli.trainer.global_step == 2 and cli.model.guard.skipped_total == 0  # both steps taken, none skipped
+    assert len(seen) >= 3  # 2 training steps + validation
+    for autocast, dtype, recon_dtype, loss in seen:
+        assert autocast and dtype == torch.bfloat16 and recon_dtype == torch.bfloat16
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss > 0
+    assert cli.model.compressor.weight.dtype == torch.float32
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
 
 
 def test_validate_subcommand_reports_the_pca_baseline(tiny_backbone_dir, workdir):
+    fast = ("--model.learning_rate", "0.05", "--model.warmup_steps", "0")  # so training moves the weights
     fit = LLMTRMCLI(args=text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir,
-                                   "--trainer.max_epochs", "1"))
+                                   "--trainer.max_epochs", "1", *fast))
     last = fit.trainer.checkpoint_callback.last_model_path
-    args = text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir, "--ckpt_path", last)
+    args = text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir, "--ckpt_path", last, *fast)
     args[0] = "validate"
     args.remove("--trainer.val_check_interval"), args.remove("1.0")
     cli = LLMTRMCLI(args=args)
     assert "baseline/pca_cosine" in cli.trainer.callback_metrics
-    assert 0 < float(cli.trainer.callback_metrics["val/cosine"]) <= 1
+    # the checkpoint's weights on the same held-out chunks: the value the fit's last validation logged
+    fitted = float(fit.trainer.callback_metrics["val/cosine"])
+    assert float(cli.trainer.callback_metrics["val/cosine"]) == pytest.approx(fitted, abs=1e-6)
+    assert float(cli.trainer.callback_metrics["val/loss"]) == pytest.approx(
+        float(fit.trainer.callback_metrics["val/loss"]), rel=1e-5)
 
 
 def test_console_prints_user_errors_as_one_line(tmp_path):

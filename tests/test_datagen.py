@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from llm_trm import cli
 from llm_trm.backbone import THINK_CLOSE, THINK_OPEN, load_backbone
@@ -135,10 +135,7 @@ class CloseThinkingAt(LogitsProcessor):
 def test_early_stop_per_sequence_and_forced_close(tiny_backbone_dir, math_jsonl, monkeypatch):
     module = tiny_module(tiny_backbone_dir, max_new_tokens=8)
     close_id = module.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
-    monkeypatch.setattr(
-        module, "_extra_generate_kwargs",
-        lambda: {"logits_processor": LogitsProcessorList([CloseThinkingAt(close_id, step=3)])},
-    )
+    monkeypatch.setattr(module, "_extra_logits_processors", lambda: [CloseThinkingAt(close_id, step=3)])
     batch = module.predict_step(load_problems(f"jsonl:{math_jsonl}", num_samples=2), 0)
     closed, forced = (pair.record for pair in batch.pairs)
 

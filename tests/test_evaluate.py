@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from llm_trm.cli import main as cli_main
-from llm_trm.data.shards import FORMAT_NAME, ShardInfo
+from llm_trm.data.shards import ShardWriter, read_index
 from llm_trm.errors import DataError
 from llm_trm.evaluate import (
     PLOT_PNG,
@@ -41,16 +41,14 @@ def problem_file(tmp_path) -> Path:
 
 
 def write_shard_index(directory: Path, sample_ids: list[str], prompts: list[str], split: str | None = None) -> Path:
-    """A datagen shard directory's index and records, as `llm-trm datagen` writes them (no tensors needed)."""
-    directory.mkdir(parents=True)
-    if split is not None:
-        (directory / "datagen_config.json").write_text(json.dumps({"split": split}))
-    records = directory / "shard-r00-00000.jsonl"
-    records.write_text("".join(json.dumps({"sample_id": s, "problem": p}) + "\n" for s, p in zip(sample_ids, prompts)))
-    info = ShardInfo(file="shard-r00-00000.safetensors", records_file=records.name, rank=0,
-                     num_samples=len(sample_ids), num_bytes=0, sha256="", records_num_bytes=0, records_sha256="",
-                     hidden_size=64, dtype="bfloat16", sample_ids=sample_ids, lengths=[1] * len(sample_ids))
-    (directory / "index.json").write_text(json.dumps({"format": FORMAT_NAME, "shards": [info.to_json()]}))
+    """A datagen shard directory written by the real ShardWriter (two samples a shard, tiny states)."""
+    config = {"backbone": "tiny", "layer": -1, **({"split": split} if split is not None else {})}
+    with ShardWriter(directory, config, shard_size=2, dtype="float32") as writer:
+        for sample_id, prompt in zip(sample_ids, prompts):
+            record = {"sample_id": sample_id, "problem": prompt, "thinking": "t", "answer": "a", "gold_answer": "1",
+                      "correct": False, "closed_thinking": True, "token_ids": [1, 2, 3], "pre_length": 2,
+                      "post_position": 2}
+            writer.add(torch.randn(2, 8), torch.randn(8), 1, record)
     return directory
 
 
@@ -79,6 +77,22 @@ def test_held_out_selection_ignores_ids_of_another_split(problem_file, tmp_path)
     assert ids == ["toy:0", "toy:1", "toy:2", "toy:4"]
     same_split = write_shard_index(tmp_path / "same", ["toy:0", "toy:1"], ["a", "b"], split="test")
     assert [p.sample_id for p in held_out_problems(source, "test", 2, exclude_from=same_split)] == ["toy:2", "toy:3"]
+
+
+def test_unreadable_records_are_an_error_not_a_silent_id_only_exclusion(problem_file, tmp_path):
+    source = f"jsonl:{problem_file}"
+    everything = held_out_problems(source, "test", 10)
+    shards = write_shard_index(tmp_path / "pairs", ["other:0", "other:1", "other:2"],
+                               ["a", everything[0].prompt, "b"])
+    assert "toy:0" not in [p.sample_id for p in held_out_problems(source, "test", 10, exclude_from=shards)]
+    records = shards / read_index(shards)[-1].records_file
+    records.write_text("{not json\n")
+    with pytest.raises(DataError, match=r"cannot read the records .* cannot be excluded by prompt text: "
+                                        r"check them with `llm-trm datagen --verify"):
+        held_out_problems(source, "test", 4, exclude_from=shards)
+    records.unlink()
+    with pytest.raises(DataError, match="cannot read the records"):
+        held_out_problems(source, "test", 4, exclude_from=shards)
 
 
 def test_held_out_selection_errors(problem_file, tmp_path):

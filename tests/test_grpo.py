@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from llm_trm.backbone import backbone_id, load_backbone
+from llm_trm.batching import position_ids
 from llm_trm.cli import main
 from llm_trm.data.grpo_data import CurriculumSampler, GRPODataModule
 from llm_trm.data.problem_datamodule import ProblemList
@@ -104,12 +105,11 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
-def sampled_batch(module: GRPOModule, problems_file: Path):
-    problems = load_problems(f"jsonl:{problems_file}", num_samples=2)
-    prompts = module.tokenize(problems)
-    pre, pre_mask = module.pre_states(prompts)
-    answers = module._sample(prompts, pre, pre_mask, None)
-    return prompts, pre, pre_mask, answers
+def sampled_batch(module: GRPOModule, problems_file: Path, count: int = 2):
+    problems = load_problems(f"jsonl:{problems_file}", num_samples=count)
+    prompted = module.prompt(problems)
+    module.expand_cache(prompted, module.hparams.group_size)
+    return prompted, module._sample(prompted, None)
 
 
 # --------------------------------------------------------------------------- gradients and the loss
@@ -117,9 +117,9 @@ def sampled_batch(module: GRPOModule, problems_file: Path):
 
 def test_gradients_reach_adapter_trm_and_compressor_but_not_the_llm(tiny_backbone_dir, parts, problems_file):
     module = make_module(tiny_backbone_dir, parts)
-    prompts, pre, pre_mask, answers = sampled_batch(module, problems_file)
+    prompted, answers = sampled_batch(module, problems_file)
     advantages = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
-    loss, _ = module.grpo_loss(prompts, pre, pre_mask, answers, advantages, None, None)
+    loss, _ = module.grpo_loss(prompted, answers, advantages, None, None)
     loss.backward()
     for part in ("adapter", "trm", "compressor"):
         grads = [p.grad for p in getattr(module, part).parameters()]
@@ -149,14 +149,11 @@ def test_clipped_loss_through_the_module_by_hand(tiny_backbone_dir, parts, probl
     """Old log-probs half the current ones (ratio 2): the positive-advantage answer is clipped to 1.2 and
     gives no gradient; the negative one keeps ratio 2: loss = (-1.2 + 2) / 2 = 0.4, every token clipped."""
     module = make_module(tiny_backbone_dir, parts)
-    prompts, pre, pre_mask, answers = sampled_batch(module, problems_file)
-    prompts.problems, answers = prompts.problems[:1], answers[:2]
-    prompts.input_ids, prompts.mask = prompts.input_ids[:1], prompts.mask[:1]
-    pre, pre_mask = pre[:1], pre_mask[:1]
+    prompted, answers = sampled_batch(module, problems_file, count=1)
     advantages = torch.tensor([[1.0, -1.0]])
-    _, first = module.grpo_loss(prompts, pre, pre_mask, answers, advantages, None, None)
+    _, first = module.grpo_loss(prompted, answers, advantages, None, None)
     old = {"tokens": first["old"]["tokens"] - math.log(2.0)}
-    loss, out = module.grpo_loss(prompts, pre, pre_mask, answers, advantages, None, old)
+    loss, out = module.grpo_loss(prompted, answers, advantages, None, old)
     assert float(out["stats"]["policy_loss"]) == pytest.approx(0.4, abs=1e-5)
     assert float(out["stats"]["clip_fraction"]) == pytest.approx(1.0)
     # only the unclipped (negative-advantage) answer pushes: its log-probability goes down
@@ -166,9 +163,9 @@ def test_clipped_loss_through_the_module_by_hand(tiny_backbone_dir, parts, probl
 
 def test_kl_and_latent_noise_terms(tiny_backbone_dir, parts, problems_file):
     module = make_module(tiny_backbone_dir, parts, latent_noise_std=0.1, kl_coef=0.5)
-    prompts, pre, pre_mask, answers = sampled_batch(module, problems_file)
+    prompted, answers = sampled_batch(module, problems_file)
     noise = module._exploration_noise(2, 2)
-    loss, out = module.grpo_loss(prompts, pre, pre_mask, answers, torch.tensor([[1.0, -1.0]] * 2), noise, None)
+    loss, out = module.grpo_loss(prompted, answers, torch.tensor([[1.0, -1.0]] * 2), noise, None)
     assert float(out["stats"]["kl"]) == pytest.approx(0.0, abs=1e-8)  # starts at the Phase 2 TRM
     assert out["old"]["latent"].shape == (4,)
     loss.backward()
@@ -222,13 +219,52 @@ def test_datamodule_difficulty_from_records_and_held_out_split(problems_file, tm
 
 
 def test_warm_start_fits_the_llms_own_correct_answers(tiny_backbone_dir, parts, problems_file, tmp_path):
-    records = write_records(tmp_path / "records", {i: 10 for i in range(12)}, {i: True for i in range(12)})
-    module = make_module(tiny_backbone_dir, parts, warm_start_steps=3)
-    recorder = RecordMetrics("train/warm_start_nll")
-    trainer = make_trainer(max_steps=3, callbacks=[recorder])
-    trainer.fit(module, make_data(problems_file, records_dir=str(records), batches_per_epoch=3))
+    # two problems answered correctly in datagen: the warm start draws only those and fits their answers
+    records = write_records(tmp_path / "records", {i: 10 for i in range(12)}, {i: i < 2 for i in range(12)})
+    # the steerable tiny backbone of the sanity task: soft vectors can move its answers
+    backbone = sanity_backbone(Path(tiny_backbone_dir), tmp_path / "steerable")
+    module = make_module(backbone, save_parts(tmp_path / "parts", backbone), warm_start_steps=12,
+                         n_soft_vectors=4, lr_adapter=3e-3, lr_trm=1e-3, halting=False)
+    recorder = RecordMetrics("train/warm_start_nll", "train/warm_start")
+    data = make_data(problems_file, records_dir=str(records), batches_per_epoch=12, warm_start_steps=12)
+    make_trainer(max_steps=12, callbacks=[recorder]).fit(module, data)
     nll = recorder.values["train/warm_start_nll"]
-    assert len(nll) == 3 and all(math.isfinite(v) for v in nll)
+    assert len(nll) == 12 and recorder.values["train/warm_start"] == [1.0] * 12
+    assert sum(nll[-3:]) / 3 < 0.8 * sum(nll[:3]) / 3  # the answers become likelier given the soft vectors
+
+
+def test_warm_start_without_correct_answers_is_a_clear_error(problems_file, tmp_path):
+    records = write_records(tmp_path / "records", {i: 10 for i in range(12)}, {i: False for i in range(12)})
+    with pytest.raises(DataError, match="warm_start_steps"):
+        make_data(problems_file, records_dir=str(records), warm_start_steps=2).setup("fit")
+
+
+def test_the_prompt_cache_serves_the_group_and_the_log_prob_pass(tiny_backbone_dir, parts, problems_file):
+    """One prompt pass whose KV cache is reused gives the samples and log-probabilities of re-reading the prompt."""
+    reused, recomputed = (make_module(tiny_backbone_dir, parts, reuse_prompt_cache=flag, group_size=3)
+                          for flag in (True, False))
+    prompted, answers = sampled_batch(reused, problems_file)
+    plain, plain_answers = sampled_batch(recomputed, problems_file)
+    assert prompted.cache is not None and plain.cache is None
+    assert answers == plain_answers  # same seed, same distribution: the same samples
+    with torch.no_grad():
+        embeds, mask = reused.llm_inputs(prompted, reused.latent(prompted, 3).soft)
+        cached = reused.answer_log_probs(prompted, embeds, mask, answers, 1.0)[0]
+        again = reused.answer_log_probs(prompted, embeds, mask, answers, 1.0)[0]  # the cache was rewound
+        full = recomputed.answer_log_probs(plain, embeds, mask, answers, 1.0)[0]
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, cached)
+    assert prompted.cache.get_seq_length() == prompted.width
+
+
+def test_the_kl_reference_runs_only_when_it_is_used(tiny_backbone_dir, parts, problems_file):
+    for kl_coef, expected_calls in ((0.0, 0), (0.5, 1)):
+        module = make_module(tiny_backbone_dir, parts, kl_coef=kl_coef)
+        calls = []
+        module.reference_trm.register_forward_hook(lambda *args: calls.append(1))
+        prompted, answers = sampled_batch(module, problems_file)
+        _, out = module.grpo_loss(prompted, answers, torch.tensor([[1.0, -1.0]] * 2), None, None)
+        assert len(calls) == expected_calls and ("kl" in out["stats"]) == (kl_coef > 0)
 
 
 # --------------------------------------------------------------------------- resume, export, configs
@@ -269,13 +305,19 @@ def test_export_loads_in_the_latent_reasoner(tiny_backbone_dir, parts, tmp_path)
 def test_config_runs_with_fast_dev_run(config, tiny_backbone_dir, parts, problems_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     compressor, trm = parts
-    main(["fit", "--config", str(REPO_ROOT / config), f"--model.init_args.backbone={tiny_backbone_dir}",
+    code = main(["fit", "--config", str(REPO_ROOT / config), f"--model.init_args.backbone={tiny_backbone_dir}",
           f"--model.init_args.compressor_checkpoint={compressor}", f"--model.init_args.trm_checkpoint={trm}",
           "--model.init_args.group_size=2", "--model.init_args.max_answer_tokens=2",
           "--model.init_args.warm_start_steps=0", "--model.init_args.backbone_dtype=float32",
           f"--data.init_args.datasets=jsonl:{problems_file}", "--data.init_args.records_dir=null",
           "--data.init_args.difficulty=none", "--data.init_args.num_samples=8", "--data.init_args.val_samples=2",
           "--data.init_args.batch_size=2", "--trainer.fast_dev_run=true"])
+    assert code == 0
+    # the run trained and exported the three parts where the config says (loadable by evaluation)
+    export = next(path.parent for path in tmp_path.rglob("trm.safetensors"))
+    reasoner = LatentReasoner(load_backbone(str(tiny_backbone_dir)), compressor=str(export / "compressor"),
+                              trm=str(export), device="cpu")
+    assert reasoner.trm.metadata["phase"] == "grpo" and isinstance(reasoner.adapter, LinearAdapter)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -356,10 +398,9 @@ def test_sanity_grpo_learns_a_fixed_first_token(tiny_backbone_dir, problems_file
     probe = make_module(backbone, parts, **settings)
     problems = load_problems(f"jsonl:{problems_file}", num_samples=16)
     with torch.no_grad():
-        prompts = probe.tokenize(problems)
-        pre, pre_mask = probe.pre_states(prompts)
-        embeds, mask = probe.llm_inputs(prompts, probe.latent(pre, pre_mask, 1).soft)
-        logits = probe.llm.model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+        prompted = probe.prompt(problems)
+        embeds, mask = probe.llm_inputs(prompted, probe.latent(prompted, 1).soft)
+        logits = probe.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
     chance, target = logits.softmax(-1).mean(0).max(0)
     assert 0.03 < float(chance) < 0.3
 

@@ -3,6 +3,7 @@ on tiny artifacts laid out as the demo lays out its own (runs/demo/...)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from llm_trm.cli import main
-from llm_trm.evaluate import add_speedups, summarize, write_report
-from llm_trm.inference import AnswerResult
+from llm_trm.evaluate import RESULTS_JSON
 from tests.test_compressor_module import export_tiny_1a
 from tests.test_data_text import write_corpus
 from tests.test_trm_module import TINY_CLI, write_shards
@@ -23,22 +24,26 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TINY_HIDDEN = 64  # the hidden size of the tiny_backbone_dir fixture
 
 
-def write_evaluation_report(directory: Path) -> None:
-    """A small report in the real format: `llm-trm evaluate`'s own summary and writer on made-up answers."""
-    results = {}
-    for mode, thinking in (("cot", 40), ("no_think", 0), ("trm", 0)):
-        latent = mode == "trm"
-        results[mode] = [
-            AnswerResult(sample_id=f"gsm_symbolic:{i}", mode=mode, answer_text=f"The answer is {i}.",
-                         extracted_answer=str(i), correct=i % 2 == 0, thinking_tokens=thinking, answer_tokens=8 + i,
-                         trm_steps=2 if latent else None, time_to_first_answer_token_s=0.05 * (thinking + 1),
-                         total_time_s=0.05 * (thinking + 10), trm_overhead_s=0.01 if latent else None)
-            for i in range(4)
-        ]
-    results["trm"].append(AnswerResult(sample_id="gsm_symbolic:4", mode="trm", error="does not fit the context"))
-    summaries = [summarize(mode, rows) for mode, rows in results.items()]
-    add_speedups(summaries)
-    write_report(directory, {"backbone": "tiny", "datasets": "gsm_symbolic", "num_samples": 5}, summaries, results)
+EVAL_MODES = ["cot", "no_think", "trm", "trm_first_token"]
+TOY_QUESTIONS = [f"Tom has {n} apples and eats one. How many are left?" for n in range(2, 6)]
+
+
+def run_tiny_evaluation(output_dir: Path, backbone: Path, compressor: Path, trm: Path,
+                        exclude_from: Path | None = None) -> dict:
+    """A real `llm-trm evaluate` run on the tiny random backbone: every mode on a few toy problems with gold
+    answers (one too long for the context, so the report has a failure), a few tokens each. Returns results.json."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    problems = output_dir / "toy.jsonl"
+    questions = TOY_QUESTIONS[:2] + ["apples " * 600] + TOY_QUESTIONS[2:]
+    problems.write_text("".join(json.dumps({"question": q, "answer": str(i)}) + "\n" for i, q in enumerate(questions)))
+    config = {"backbone": str(backbone), "compressor": str(compressor), "trm": str(trm),
+              "datasets": f"jsonl:{problems}", "split": "test", "num_samples": len(questions), "modes": EVAL_MODES, "batch_size": 2,
+              "max_new_tokens": 3, "max_thinking_tokens": 2, "dtype": "float32", "device": "cpu",
+              "output_dir": str(output_dir), "progress": False,
+              **({"exclude_from": str(exclude_from)} if exclude_from else {})}
+    (output_dir / "eval.yaml").write_text(yaml.safe_dump(config))
+    assert main(["evaluate", "--config", str(output_dir / "eval.yaml")]) == 0
+    return json.loads((output_dir / RESULTS_JSON).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,8 @@ def artifacts(tmp_path_factory, tiny_backbone_dir) -> dict[str, str]:
         main(["fit", "--config", str(REPO / "configs/demo/trm.yaml"), "--trainer.max_epochs=2",
               "--trainer.enable_progress_bar=false", *TINY_CLI])
     assert (demo / "trm_model" / "config.json").is_file()
-    write_evaluation_report(demo / "eval")
+    run_tiny_evaluation(demo / "eval", tiny_backbone_dir, demo / "compressor_1b", demo / "trm_model",
+                        exclude_from=demo / "hidden_pairs")
     write_corpus(root / "corpus.txt", docs=400)  # enough held-out documents for the notebook's chunks
     return {"LLM_TRM_ARTIFACTS": str(demo), "LLM_TRM_BACKBONE": str(tiny_backbone_dir),
             "LLM_TRM_TEXT": str(root / "corpus.txt")}
@@ -83,6 +89,23 @@ def test_notebook_executes_on_tiny_artifacts(notebook, artifacts, tmp_path):
     executed = execute(notebook, tmp_path, artifacts)
     assert [o for o in outputs(executed) if o.output_type == "error"] == []
     assert any("image/png" in o.get("data", {}) for o in outputs(executed)), "no figure was drawn"
+
+
+def test_evaluation_notebook_shows_the_real_report(artifacts, tmp_path):
+    """Notebook 03 on the report of a real tiny `llm-trm evaluate` run: its tables carry that run's numbers."""
+    report = json.loads((Path(artifacts["LLM_TRM_ARTIFACTS"]) / "eval" / RESULTS_JSON).read_text())
+    assert [s["mode"] for s in report["summary"]] == EVAL_MODES
+    assert all((s["problems"], s["failed"]) == (5, 1) for s in report["summary"])  # one is over-long
+    executed = execute(REPO / "notebooks" / "03_evaluation.ipynb", tmp_path, artifacts)
+    shown = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs(executed))
+    (table,) = [o.data["text/plain"] for o in outputs(executed) if "ci_low" in o.get("data", {}).get("text/plain", "")]
+    for summary in report["summary"]:
+        # the mode's row of the summary table (pandas wraps wide tables: the row may come in parts)
+        shown_values = [float(cell) for line in table.splitlines() if line.split()[:1] == [summary["mode"]]
+                        for cell in line.split()[1:]]
+        for key in ("ci_high", "mean_answer_tokens", "mean_time_to_answer_s", "mean_total_time_s", "failed"):
+            assert any(abs(value - summary[key]) < 6e-4 for value in shown_values), (summary["mode"], key)
+    assert f"{len(EVAL_MODES)} failed problem(s)" in shown
 
 
 def test_evaluation_notebook_says_how_to_make_a_missing_report(artifacts, tmp_path):

@@ -265,3 +265,128 @@ def test_supports_enable_thinking(tokenizer):
     plain = build_tokenizer()
     plain.chat_template = SMOLLM2_STYLE_TEMPLATE
     assert not problems_module.supports_enable_thinking(plain)
+
+
+# --------------------------------------------------------------------- prompts pinned against the calendar
+
+# A test fixture shaped like SmolLM3's chat template (HuggingFaceTB/SmolLM3-3B): `enable_thinking`
+# (default on) and a `/think` or `/no_think` in the system message choose the reasoning mode; the
+# system block always prints metadata with today's date through transformers' `strftime_now`; in
+# /think mode the assistant turn is opened bare (the model writes `<think>` itself), in /no_think
+# mode with an empty think block.
+SMOLLM3_LIKE_TEMPLATE = (
+    "{%- if enable_thinking is not defined -%}{%- set enable_thinking = true -%}{%- endif -%}"
+    "{%- set reasoning_mode = '/think' if enable_thinking else '/no_think' -%}"
+    "{%- set system_message = messages[0].content if messages[0].role == 'system' else '' -%}"
+    "{%- if '/no_think' in system_message -%}{%- set reasoning_mode = '/no_think' -%}"
+    "{%- elif '/think' in system_message -%}{%- set reasoning_mode = '/think' -%}{%- endif -%}"
+    "{{- '<|im_start|>system\\n## Metadata\\n\\nKnowledge Cutoff Date: June 2025\\n' -}}"
+    "{%- set today = strftime_now(\"%d %B %Y\") -%}"
+    "{{- 'Today Date: ' ~ today ~ '\\n' -}}"
+    "{{- 'Reasoning Mode: ' ~ reasoning_mode ~ '\\n\\n## Custom Instructions\\n\\n' -}}"
+    "{{- 'You are a helpful AI assistant named SmolLM.\\n\\n<|im_end|>\\n' -}}"
+    "{%- for message in messages if message.role != 'system' -%}"
+    "{{- '<|im_start|>' ~ message.role ~ '\\n' ~ message.content ~ '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if reasoning_mode == '/think' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@pytest.fixture()
+def smollm3_like_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = SMOLLM3_LIKE_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture()
+def clock(monkeypatch):
+    """Freezes the clock transformers' `strftime_now` reads; `clock.day = date` moves it."""
+    import datetime as real_datetime
+
+    from transformers.utils import chat_template_utils
+
+    class FrozenClock(real_datetime.datetime):
+        day = real_datetime.datetime(2026, 3, 14, 9, 30)
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls.day
+
+    monkeypatch.setattr(chat_template_utils, "datetime", FrozenClock)
+    return FrozenClock
+
+
+def _unpinned(tokenizer, thinking: bool) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": PROBLEM.prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=thinking)
+
+
+def test_smollm3_prompts_do_not_change_with_the_date(smollm3_like_tokenizer, clock):
+    import datetime
+
+    tokenizer = smollm3_like_tokenizer
+    renderings = []
+    for day in (datetime.datetime(2026, 3, 14), datetime.datetime(2027, 1, 2)):
+        clock.day = day
+        renderings.append({
+            "raw": _unpinned(tokenizer, thinking=True),
+            "thinking": build_chat_prompt(tokenizer, PROBLEM, thinking=True),
+            "answer": build_chat_prompt(tokenizer, PROBLEM, thinking=False),
+            "fingerprint": problems_module.prompt_fingerprint(tokenizer),
+        })
+    first, second = renderings
+    # the template itself reads the (frozen) clock: unpinned renderings differ between the two days
+    assert "Today Date: 14 March 2026\n" in first["raw"] and "Today Date: 02 January 2027\n" in second["raw"]
+    for key in ("thinking", "answer", "fingerprint"):
+        assert first[key] == second[key], key
+    pinned = f"Today Date: {problems_module.PROMPT_DATE.strftime('%d %B %Y')}\n"
+    assert pinned == "Today Date: 01 July 2025\n"
+    assert pinned in first["thinking"] and pinned in first["answer"]
+    # everything else is what the template renders: only the date line differs from the raw text
+    assert first["thinking"] == first["raw"].replace("Today Date: 14 March 2026\n", pinned) + "<think>\n"
+    assert "Reasoning Mode: /think\n" in first["thinking"]
+    assert "Reasoning Mode: /no_think\n" in first["answer"]
+    assert first["answer"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
+
+
+def test_pinning_replaces_every_literal_strftime_call():
+    template = "{{ strftime_now('%Y-%m-%d') }}|{{ strftime_now( \"%B\" ) }}|{{ messages[0].content }}"
+    assert problems_module.pin_template_date(template) == '{{ "2025-07-01" }}|{{ "July" }}|{{ messages[0].content }}'
+    with pytest.raises(problems_module.ChatTemplateError, match="not a string literal"):
+        problems_module.pin_template_date("{% set f = '%Y' %}{{ strftime_now(f) }}")
+
+
+def test_prompt_fingerprint_follows_the_rendered_prompt(smollm3_like_tokenizer, monkeypatch):
+    tokenizer = smollm3_like_tokenizer
+    base = problems_module.prompt_fingerprint(tokenizer)
+    assert len(base) == 16 and base == problems_module.prompt_fingerprint(tokenizer)
+    # a template edit that renders the same text (a comment) keeps the fingerprint
+    tokenizer.chat_template = "{# a comment #}" + SMOLLM3_LIKE_TEMPLATE
+    assert problems_module.prompt_fingerprint(tokenizer) == base
+    # one that changes the rendered system block changes it
+    tokenizer.chat_template = SMOLLM3_LIKE_TEMPLATE.replace("named SmolLM.", "named SmolLM3.")
+    assert problems_module.prompt_fingerprint(tokenizer) != base
+    tokenizer.chat_template = SMOLLM3_LIKE_TEMPLATE
+    # so do the answer instructions the problems carry, and the pinned date
+    monkeypatch.setattr(problems_module, "MATH_INSTRUCTION", "Answer in \\boxed{}.")
+    assert problems_module.prompt_fingerprint(tokenizer) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(problems_module, "PROMPT_DATE", problems_module.PROMPT_DATE.replace(day=2))
+    assert problems_module.prompt_fingerprint(tokenizer) != base
+
+
+def test_prompt_fingerprint_covers_the_system_prompt_of_templates_without_think_tags(monkeypatch):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = SMOLLM2_STYLE_TEMPLATE
+    base = problems_module.prompt_fingerprint(tokenizer)
+    monkeypatch.setattr(problems_module, "THINKING_SYSTEM_PROMPT", "Think first.")
+    assert problems_module.prompt_fingerprint(tokenizer) != base
+
+
+def test_build_chat_prompt_takes_the_prompt_text(tokenizer):
+    assert build_chat_prompt(tokenizer, PROBLEM.prompt, thinking=False) == build_chat_prompt(tokenizer, PROBLEM,
+                                                                                              thinking=False)

@@ -4,6 +4,7 @@ and from_pretrained / load_* round trips from export folders and Lightning check
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llm_trm import push
 from llm_trm.cards import EMBEDDED_BACKBONE_HUB_ID, ModelCardError, base_model_id, dataset_ids, read_scalars
@@ -21,6 +22,7 @@ from llm_trm.hub import UnknownArtifactError, detect_kind, load_compressor, load
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.pretrained import load_torch_checkpoint
 from llm_trm.models.trm import SequenceTRM
+from llm_trm.weights import NonFiniteWeightsError
 from tests.test_compressor_module import text_args
 from tests.test_data_text import write_corpus
 from tests.test_trm_module import TINY_CLI, write_shards
@@ -48,11 +50,15 @@ def compressor_run(tiny_backbone_dir, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def trm_run(compressor_run, tmp_path_factory) -> SimpleNamespace:
-    """A Phase 2 fit whose compressor_checkpoint is the Phase 1 run's Lightning checkpoint."""
+    """A Phase 2 fit whose compressor_checkpoint is the Phase 1 run's Lightning checkpoint.
+
+    Its datamodule is the round-1 interface (train / val / test, summaries) over in-memory tensors
+    (tests/pair_datamodule.py) until HiddenPairDataModule implements it."""
     workdir = tmp_path_factory.mktemp("phase2")
     shards = write_shards(workdir / "hidden_pairs", dim=64)
     cli = LLMTRMCLI(args=[
-        "fit", "--config", str(REPO_ROOT / "configs/phase2/trm.yaml"), f"--data.init_args.data_path={shards}",
+        "fit", "--config", str(REPO_ROOT / "configs/phase2/trm.yaml"), "--data=tests.pair_datamodule.InMemoryPairs",
+        f"--data.init_args.data_path={shards}", "--data.init_args.val_fraction=0.25", "--data.init_args.split_seed=3",
         f"--model.init_args.compressor_checkpoint={compressor_run.last}", "--data.init_args.num_workers=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", *TINY_CLI])
@@ -154,11 +160,59 @@ def test_trm_card_has_baselines_and_names_its_compressor_on_the_hub(trm_run, tmp
     card = ModelCard.load(out / "README.md")
     assert {"sequence-trm", "tiny-recursive-model"} <= set(card.data.tags)
     assert card.data.base_model == BASE_MODEL
-    for tag in ("val/cosine", "val/centred_cosine", "baseline/mean_cosine", "baseline/ridge_explained_variance",
-                "baseline/last_token_full_cosine", "val/steps_used"):
-        assert f"{trm_run.metrics[tag]:.4f}" in card.text, tag
     assert "ridge on pooled prompt" in card.text and "Full space (D)" in card.text
     assert json.loads((out / "config.json").read_text())["model_type"] == "sequence_trm"
+
+
+def test_trm_card_reports_the_uploaded_weights_from_metrics_json(trm_run, tmp_path):
+    out = dry_run(trm_run.export, tmp_path / "trm", "--compressor-repo", "someone/compressor")
+    card = ModelCard.load(out / "README.md").text
+    metrics = json.loads((trm_run.export / "metrics.json").read_text())
+    sections = card.split("### ")
+    for split, label in (("val", "Validation split (selection)"), ("test", "Test split (report)")):
+        reported = metrics["splits"][split]
+        compressed = next(s for s in sections if s.startswith(f"{label}, {reported['num_samples']} samples: Compressed"))
+        rows = {line.split(" | ")[0].lstrip("| "): line for line in compressed.splitlines() if line.startswith("| ")}
+        model, baselines = reported["model"], reported["baselines"]
+        assert rows["cosine"] == (f"| cosine | {model['cosine']:.4f} | {baselines['mean_cosine']:.4f} | "
+                                  f"{baselines['ridge_cosine']:.4f} | {baselines['last_token_cosine']:.4f} |")
+        assert f"| explained variance (R²) | {model['explained_variance']:.4f} |" in compressed
+        assert f"supervision steps used: {model['steps_used']:.4f}" in card
+    assert metrics["splits"]["test"]["model"]["cosine"] != metrics["splits"]["val"]["model"]["cosine"]
+    # it names the weights it uploads, and how they were chosen
+    selection = metrics["selection"]
+    assert f"`trm.safetensors` sha256 `{metrics['weights_sha256']['trm.safetensors'][:16]}" in card
+    assert (f"epoch {selection['epoch']} (step {selection['global_step']}), selected as the best val/loss "
+            f"(min = {selection['score']:.4f}) on the val split") in card
+    assert "exponential moving average" in card
+
+
+def test_push_refuses_nonfinite_weights(trm_run, hub, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(trm_run.export, broken)
+    weights = load_file(str(broken / "trm.safetensors"))
+    weights["target_scale"][0] = float("nan")
+    save_file(weights, str(broken / "trm.safetensors"), metadata={"format": "pt"})
+    args = ["push", "--checkpoint", str(broken), "--repo", "u/t", "--run-dir", str(trm_run.run_dir),
+            "--compressor-repo", "someone/compressor", "--base-model", BASE_MODEL]
+    for extra in (["--dry-run", str(tmp_path / "out")], []):
+        with pytest.raises(NonFiniteWeightsError, match="holds NaN/inf values in target_scale") as err:
+            main(args + extra)
+        one_line(err)
+        assert capsys.readouterr().err.count("\n") == 1  # `llm-trm: error: ...`, no traceback
+    assert not (tmp_path / "out").exists() and hub == []  # nothing written, the Hub never asked
+
+
+def test_push_refuses_metrics_of_other_weights(trm_run, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(trm_run.export, changed)
+    weights = load_file(str(changed / "trm.safetensors"))
+    weights["reasoning_token"] += 1.0
+    save_file(weights, str(changed / "trm.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelCardError, match="metrics.json was computed from other weights") as err:
+        dry_run(changed, tmp_path / "out", "--run-dir", str(trm_run.run_dir), "--compressor-repo", "someone/c")
+    one_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_card_reads_the_last_value_of_each_tensorboard_tag(tmp_path):

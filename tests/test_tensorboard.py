@@ -12,12 +12,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from llm_trm.backbone import backbone_id
 from llm_trm.cli import main
 from llm_trm.eval import figures
 from llm_trm.models.compressor import DimensionCompressor
 from tests.test_compressor_module import text_args
 from tests.test_data_text import write_corpus
-from tests.test_notebooks import write_evaluation_report
+from tests.test_evaluate import save_latent_parts
+from tests.test_notebooks import run_tiny_evaluation
 from tests.test_trm_module import D, D_COMPRESSED, TINY_CLI, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +76,9 @@ def test_trm_fit_logs_scheme_tags_and_figures(tmp_path, monkeypatch):
     torch.manual_seed(0)
     compressor = DimensionCompressor(d_model=D, d_compressed=D_COMPRESSED).save_pretrained(
         tmp_path / "compressor", metadata={"backbone": "tiny", "layer": -1})
-    main(["fit", "--config", str(REPO / "configs/phase2/trm.yaml"), f"--data.init_args.data_path={shards}",
+    # the round-1 datamodule interface (summaries for the baselines) over in-memory tensors: tests/pair_datamodule.py
+    main(["fit", "--config", str(REPO / "configs/phase2/trm.yaml"), "--data=tests.pair_datamodule.InMemoryPairs",
+          f"--data.init_args.data_path={shards}",
           f"--model.init_args.compressor_checkpoint={compressor}", "--data.init_args.num_workers=0",
           "--data.init_args.batch_size=8", "--data.init_args.val_fraction=0.25", "--trainer.accelerator=cpu",
           "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_epochs=1",
@@ -88,11 +92,21 @@ def test_trm_fit_logs_scheme_tags_and_figures(tmp_path, monkeypatch):
     assert_hparams_logged(events, "n_supervision_steps")
 
 
-def test_evaluation_report_logs_eval_tags_and_the_accuracy_figure(tmp_path):
-    write_evaluation_report(tmp_path)
-    events = read_events(tmp_path / "tensorboard")
-    assert "eval/trm/accuracy" in events.Tags()["scalars"]
-    assert [tag for tag in events.Tags()["scalars"] if not tag.startswith("eval/")] == []
+def test_evaluation_report_logs_eval_tags_and_the_accuracy_figure(tiny_backbone_dir, tmp_path):
+    """A real tiny `llm-trm evaluate` run: its TensorBoard scalars are the report's numbers, under eval/<mode>/."""
+    compressor, trm = save_latent_parts(tmp_path, backbone_id(str(tiny_backbone_dir)), d_model=64)
+    report = run_tiny_evaluation(tmp_path / "eval", tiny_backbone_dir, compressor, trm)
+    events = read_events(tmp_path / "eval" / "tensorboard")
+    scalars = events.Tags()["scalars"]
+    assert [tag for tag in scalars if not tag.startswith("eval/")] == []
+    for summary in report["summary"]:
+        for name in ("accuracy", "ci_high", "failed", "mean_answer_tokens", "mean_time_to_answer_s"):
+            (logged,) = events.Scalars(f"eval/{summary['mode']}/{name}")
+            assert logged.value == pytest.approx(summary[name], rel=1e-6, abs=1e-7), (summary["mode"], name)
+    assert {summary["mode"] for summary in report["summary"]} == {"cot", "no_think", "trm", "trm_first_token"}
+    trm = next(summary for summary in report["summary"] if summary["mode"] == "trm")
+    assert 1 <= trm["mean_trm_steps"] <= 2  # the TRM's N_sup
+    assert events.Scalars("eval/trm/mean_trm_steps")[0].value == pytest.approx(trm["mean_trm_steps"])
     assert events.Tags()["images"] == ["eval/accuracy_vs_tokens"]
 
 

@@ -1,7 +1,11 @@
-"""TRMModule: frozen compressor, per-step updates, halting, EMA, schedule, resume, baselines, configs, DDP."""
+"""TRMModule: frozen compressor, per-step updates, halting, EMA, schedule, resume, baselines, held-out
+splits, the export (finite, never replaced by a worse one, re-validated), configs, DDP."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import subprocess
 import sys
@@ -13,12 +17,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from llm_trm.cli import main
-from llm_trm.data.shards import HiddenPairDataModule, ShardWriter
-from llm_trm.errors import ConfigMismatchError, NonFiniteLossError
+from llm_trm.cli import LLMTRMCLI
+from llm_trm.data.shards import ShardWriter, collate_hidden_pairs
+from llm_trm.errors import ConfigMismatchError, DataError, NonFiniteLossError
+from llm_trm.files import sha256_file
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
+from llm_trm.modules.export import ExportBestModel, write_export
 from llm_trm.modules.trm import TRMModule, prompt_summaries
+from llm_trm.weights import NonFiniteWeightsError
+from tests.pair_datamodule import InMemoryPairs, read_samples, split_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D, D_COMPRESSED = 32, 8
@@ -73,10 +81,20 @@ def make_module(compressor_dir: Path, seed: int = 0, **overrides) -> TRMModule:
     return TRMModule(compressor_checkpoint=str(compressor_dir), **{**TINY, **overrides})
 
 
-def make_data(shards: Path, **overrides) -> HiddenPairDataModule:
-    # length buckets are seeded per epoch: the batch order does not depend on the global RNG (needed for resume)
-    return HiddenPairDataModule(str(shards), **{"batch_size": 8, "val_fraction": 0.25, "bucket_by_length": True,
-                                                **overrides})
+SPLIT_SEED = 3  # 12 train / 5 val / 7 test samples of the 24
+
+
+def make_data(shards: Path, **overrides) -> InMemoryPairs:
+    """The round-1 HiddenPairDataModule interface (train / val / test, summaries) over in-memory tensors,
+    in a fixed batch order (resumption needs an order that does not depend on the global RNG)."""
+    return InMemoryPairs(str(shards), **{"batch_size": 8, "split_seed": SPLIT_SEED, **overrides})
+
+
+def compressed(module: TRMModule, samples: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A batch of samples, its compressed prompt [B, L, D'] and target [B, D'], computed directly."""
+    batch = collate_hidden_pairs(samples)
+    weight = module.compressor.weight.detach()
+    return batch, batch["pre"] @ weight.t(), batch["post"] @ weight.t()
 
 
 def make_trainer(**overrides) -> L.Trainer:
@@ -172,7 +190,36 @@ def test_scheduler_steps_equal_optimizer_steps(shards, compressor_dir, per_step_
     steps_per_batch = TINY["n_supervision_steps"] if per_step_updates else 1
     assert trainer.global_step == 2 * batches_per_epoch * steps_per_batch
     assert module.lr_schedulers().last_epoch == trainer.global_step
-    assert module.total_optimizer_steps() == trainer.global_step  # without halting the schedule ends exactly
+    assert module.total_schedule_steps() == trainer.global_step  # without halting the schedule ends exactly
+
+
+class RecordLearningRates(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_lr_schedule_follows_batches_when_samples_halt(shards, compressor_dir):
+    """Every sample halting at step 1 takes 1 update per batch instead of N_sup: the LR of each batch,
+    and the final LR (the schedule's end, min_lr_ratio x peak), are the same as without halting."""
+    learning_rate, epochs, steps = 1e-3, 3, TINY["n_supervision_steps"]
+    runs = {}
+    for use_halting in (True, False):
+        module = make_module(compressor_dir, use_halting=use_halting, learning_rate=learning_rate)
+        if use_halting:
+            _force_halting(module, lambda x: torch.ones(len(x), dtype=torch.bool))
+        rates = RecordLearningRates()
+        trainer = make_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[rates])
+        trainer.fit(module, make_data(shards))
+        batches = epochs * trainer.num_training_batches
+        assert trainer.global_step == batches * (1 if use_halting else steps)
+        assert module.lr_schedulers().last_epoch == module.total_schedule_steps() == batches * steps
+        assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * learning_rate, rel=1e-9)
+        runs[use_halting] = rates.rates
+    assert len(runs[True]) == epochs * 2 and runs[True] == pytest.approx(runs[False], rel=1e-12)
+    assert runs[True][1] > runs[True][-1] > 0.1 * learning_rate  # it did decay, batch by batch
 
 
 def test_ema_after_k_steps_matches_hand_computation(shards, compressor_dir, tmp_path):
@@ -262,49 +309,151 @@ def test_compressor_of_another_hidden_size_is_one_line_error(shards, tmp_path):
 def test_nonfinite_batches_are_skipped_then_stop_with_clear_error(compressor_dir, tmp_path):
     corrupt = write_shards(tmp_path / "nan_pairs", corrupt_post=True)
     module = make_module(compressor_dir, max_nonfinite_steps=2)
-    with pytest.raises(NonFiniteLossError) as err:
-        make_trainer(limit_val_batches=0).fit(module, make_data(corrupt))
+    with pytest.raises(NonFiniteLossError) as err:  # no summaries: nothing stops the NaN before training
+        make_trainer(limit_val_batches=0).fit(module, make_data(corrupt, with_summaries=False))
     assert "2 non-finite losses in a row" in one_line(err)
     assert module.guard.skipped_total == 2 and module.trainer.global_step == 0
 
 
-# --------------------------------------------------------------------------- baselines
+def test_nonfinite_statistics_are_refused_by_the_model():
+    trm = SequenceTRM(4, n_layers=1, n_heads=2)
+    good = dict(input_mean=torch.zeros(4), input_scale=1.0, target_mean=torch.zeros(4), target_scale=torch.ones(4))
+    for name, bad in (("input_mean", torch.tensor([0.0, float("nan"), 0.0, 0.0])), ("input_scale", float("inf")),
+                      ("target_scale", torch.full((4,), float("-inf")))):
+        with pytest.raises(DataError, match=f"statistic {name} is not finite") as err:
+            trm.set_normalization(**{**good, name: bad})
+        one_line(err)
+    assert not bool(trm.normalization_fitted) and torch.equal(trm.input_mean, torch.zeros(4))
 
 
-def test_baselines_match_closed_form(shards, compressor_dir):
+@pytest.mark.parametrize("field, statistic", [("pre", "input_mean"), ("post", "target_mean")])
+def test_nan_state_fails_fit_without_touching_the_export(shards, compressor_dir, tmp_path, field, statistic):
+    export = tmp_path / "trm"
+    make_trainer(max_epochs=1, callbacks=[ExportBestModel(path=str(export))]).fit(
+        make_module(compressor_dir), make_data(shards))
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    samples = read_samples(str(shards))
+    broken = next(s for s in samples if split_of(s["sample_id"], 0.25, 0.25, SPLIT_SEED) == "train")
+    broken[field].view(-1)[3] = float("nan")
+    module = make_module(compressor_dir)
+    with pytest.raises(DataError, match=f"statistic {statistic} is not finite") as err:
+        make_trainer(max_epochs=1, callbacks=[ExportBestModel(path=str(export))]).fit(
+            module, InMemoryPairs(samples=samples, batch_size=8, split_seed=SPLIT_SEED))
+    one_line(err)
+    assert module.trainer.global_step == 0
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["trm"]  # nothing written beside it either
+
+
+def test_nonfinite_weights_are_never_exported(shards, compressor_dir, tmp_path):
+    module, export = make_module(compressor_dir), tmp_path / "trm"
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, make_data(shards))
+    exporter = ExportBestModel(path=str(export))
+    exporter.on_train_end(trainer, module)
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    module.ema.module.halt_head.bias.data.fill_(float("inf"))
+    with pytest.raises(NonFiniteWeightsError, match="trm.safetensors holds NaN/inf values in halt_head.bias") as err:
+        exporter.on_train_end(trainer, module)
+    assert "existing export is untouched" in one_line(err)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["trm"]  # no staging folder left
+
+
+def _trm_writer(seed: int):
+    def write(folder: Path) -> Path:
+        torch.manual_seed(seed)
+        return SequenceTRM(4, n_layers=1, n_heads=2).save_pretrained(folder)
+    return write
+
+
+def test_a_better_export_is_never_replaced_by_a_worse_one(tmp_path):
+    target = tmp_path / "trm"
+    selection = {"monitor": "val/loss", "mode": "min", "split": "val", "val_sample_ids_sha256": "ids",
+                 "context": {"compressor_sha256": "c"}}
+
+    def weights(folder: Path) -> bytes:
+        return (folder / "trm.safetensors").read_bytes()
+
+    assert write_export(target, _trm_writer(0), {**selection, "score": 0.5}) == target
+    first = weights(target)
+    assert SequenceTRM.from_pretrained(target).metadata["selection"]["score"] == 0.5
+    with pytest.warns(UserWarning, match="kept the export .* scored better \\(0.5 vs 0.7\\)"):
+        beside = write_export(target, _trm_writer(1), {**selection, "score": 0.7})
+    assert beside.name.startswith("trm.not-better-") and weights(target) == first and weights(beside) != first
+
+    # a better one replaces it, moving the previous one aside
+    assert write_export(target, _trm_writer(2), {**selection, "score": 0.25}) == target
+    (previous,) = tmp_path.glob("trm.previous-*")
+    assert weights(previous) == first and weights(target) != first
+    # not comparable (other validation samples, another compressor, another monitor): replaced, moved aside
+    for change in ({"val_sample_ids_sha256": "other"}, {"context": {"compressor_sha256": "d"}},
+                   {"monitor": "val/cosine", "mode": "max"}):
+        assert write_export(target, _trm_writer(3), {**selection, "score": 0.9, **change}) == target
+    assert len(list(tmp_path.glob("trm.previous-*"))) == 4 and len(list(tmp_path.iterdir())) == 6
+
+
+# --------------------------------------------------------------------------- baselines and normalisation
+
+
+def test_baselines_and_normalisation_match_a_direct_computation(shards, compressor_dir):
+    """From the datamodule's summaries: the same numbers as computing everything from the samples."""
     alpha = 0.5
     module = make_module(compressor_dir, ridge_alpha=alpha)
     data = make_data(shards)
     make_trainer(limit_train_batches=1, limit_val_batches=0).fit(module, data)
 
-    def compressed(dataset):
-        items = [dataset[i] for i in range(len(dataset))]
-        weight = module.compressor.weight.detach()
-        pooled = torch.stack([(item["pre"] @ weight.t()).mean(0) for item in items])
-        last = torch.stack([item["pre"][-1] @ weight.t() for item in items])
-        target = torch.stack([item["post"] @ weight.t() for item in items])
-        return pooled.double(), last.double(), target.double()
+    def split(name: str):
+        items = data.splits[name]
+        weight = module.compressor.weight.detach().double()
+        pooled = torch.stack([(item["pre"].double() @ weight.t()).mean(0) for item in items])
+        last = torch.stack([item["pre"][-1].double() @ weight.t() for item in items])
+        target = torch.stack([item["post"].double() @ weight.t() for item in items])
+        tokens = torch.cat([item["pre"].double() @ weight.t() for item in items])
+        return pooled, last, target, tokens
 
-    train_pooled, _, train_target = compressed(data.train_dataset)
-    val_pooled, val_last, val_target = compressed(data.val_dataset)
+    train_pooled, _, train_target, train_tokens = split("train")
     # ridge with an unpenalised intercept: solve ([X 1]^T [X 1] + alpha diag(1..1, 0)) W = [X 1]^T Y
     design = torch.cat([train_pooled, torch.ones(len(train_pooled), 1, dtype=torch.float64)], dim=1)
     penalty = alpha * torch.diag(torch.tensor([1.0] * D_COMPRESSED + [0.0], dtype=torch.float64))
     weights = torch.linalg.solve(design.t() @ design + penalty, design.t() @ train_target)
-    val_design = torch.cat([val_pooled, torch.ones(len(val_pooled), 1, dtype=torch.float64)], dim=1)
-    predictions = {"mean": train_target.mean(0).expand_as(val_target), "ridge": val_design @ weights,
-                   "last_token": val_last}
+    for name in ("val", "test"):
+        pooled, last, target, _ = split(name)
+        held_out_design = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], dim=1)
+        predictions = {"mean": train_target.mean(0).expand_as(target), "ridge": held_out_design @ weights,
+                       "last_token": last}
+        results = module.baseline_results[name]
+        for baseline, prediction in predictions.items():
+            cosine = F.cosine_similarity(prediction, target, dim=-1).mean()
+            assert results[f"{baseline}_cosine"] == pytest.approx(float(cosine), abs=1e-5), (name, baseline)
+            mse = (prediction - target).pow(2).mean()
+            assert results[f"{baseline}_mse"] == pytest.approx(float(mse), rel=1e-4), (name, baseline)
+        # R^2 and centred cosine are measured around the training mean: the mean predictor scores exactly 0
+        assert results["mean_explained_variance"] == pytest.approx(0.0, abs=1e-5)
+        assert results["mean_centred_cosine"] == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(module.val_metrics.quality.reference_mean, train_target.mean(0))
+    torch.testing.assert_close(module.test_metrics.quality.reference_mean, train_target.mean(0))
+    # the normalisation statistics: every prompt token's mean in D' and its RMS spread, the targets' mean and std
+    trm = module.trm
+    token_mean = train_tokens.mean(0)
+    torch.testing.assert_close(trm.input_mean.double(), token_mean, rtol=1e-5, atol=1e-6)
+    assert float(trm.input_scale) == pytest.approx(float((train_tokens - token_mean).pow(2).mean().sqrt()), rel=1e-5)
+    torch.testing.assert_close(trm.target_mean.double(), train_target.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trm.target_scale.double(), train_target.std(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(module.ema.module.input_mean, trm.input_mean)
 
-    results = module.baseline_results
-    for name, prediction in predictions.items():
-        cosine = F.cosine_similarity(prediction, val_target, dim=-1).mean()
-        assert results[f"{name}_cosine"] == pytest.approx(float(cosine), abs=1e-5), name
-        mse = (prediction - val_target).pow(2).mean()
-        assert results[f"{name}_mse"] == pytest.approx(float(mse), rel=1e-4), name
-    # R^2 and centred cosine are measured around the training mean: the mean predictor scores exactly 0
-    assert results["mean_explained_variance"] == pytest.approx(0.0, abs=1e-5)
-    assert results["mean_centred_cosine"] == pytest.approx(0.0, abs=1e-5)
-    torch.testing.assert_close(module.val_quality.reference_mean, train_target.mean(0))
+
+def test_without_summaries_baselines_are_skipped_with_one_warning(shards, compressor_dir):
+    module = make_module(compressor_dir)
+    trainer = make_trainer(limit_train_batches=1, limit_val_batches=1)
+    with pytest.warns(UserWarning, match="no summaries") as warned:
+        trainer.fit(module, make_data(shards, with_summaries=False))
+        trainer.test(module, make_data(shards, with_summaries=False), verbose=False)
+    assert sum("no summaries" in str(w.message) for w in warned) == 1
+    assert module.baseline_results == {} and not bool(module.trm.normalization_fitted)
+    assert not [tag for tag in trainer.callback_metrics if "baseline/" in tag]
 
 
 def test_prompt_summaries_ignore_padding():
@@ -314,7 +463,20 @@ def test_prompt_summaries_ignore_padding():
     assert pooled.squeeze(1).tolist() == [2.0, 4.0] and last.squeeze(1).tolist() == [3.0, 6.0]
 
 
-# --------------------------------------------------------------------------- logged metrics
+# --------------------------------------------------------------------------- held-out metrics
+
+
+def direct_scores(module: TRMModule, trm: SequenceTRM, samples: list[dict]) -> dict[str, float]:
+    """Held-out metrics of `trm` computed straight from the samples, with SequenceTRM.forward's halting."""
+    batch, x, target = compressed(module, samples)
+    with torch.no_grad():
+        out = trm(x, batch["pre_mask"])
+    prediction, full = out.prediction.float(), module.compressor.decompress(out.prediction.float()).detach()
+    return {"mse": float((prediction - target).pow(2).mean()),
+            "cosine": float(F.cosine_similarity(prediction, target, dim=-1).mean()),
+            "full_cosine": float(F.cosine_similarity(full, batch["post"], dim=-1).mean()),
+            "steps_used": float(out.steps_used.float().mean()),
+            "halt_prob": float(out.halt_prob.mean())}
 
 
 def test_validation_logs_metrics_baselines_and_first_token_agreement(tiny_backbone_dir, tmp_path):
@@ -322,8 +484,9 @@ def test_validation_logs_metrics_baselines_and_first_token_agreement(tiny_backbo
     torch.manual_seed(0)
     compressor = DimensionCompressor(d_model=64, d_compressed=D_COMPRESSED).save_pretrained(tmp_path / "comp64")
     module = make_module(compressor, first_token_backbone=str(tiny_backbone_dir))
+    data = make_data(shards64)
     trainer = make_trainer(limit_train_batches=1)
-    trainer.fit(module, make_data(shards64))
+    trainer.fit(module, data)
 
     logged = trainer.callback_metrics
     steps = TINY["n_supervision_steps"]
@@ -333,19 +496,130 @@ def test_validation_logs_metrics_baselines_and_first_token_agreement(tiny_backbo
         f"baseline/{name}_{space}cosine" for name in ("mean", "ridge", "last_token") for space in ("", "full_")] + [
         "val/loss", "val/halt_prob", "val/steps_used", "val/halt_accuracy", "train/halt_threshold"]
     assert not [tag for tag in expected if tag not in logged]
-    assert 1 <= float(logged["val/steps_used"]) <= steps
-    assert 0.0 <= float(logged["val/first_token_agreement"]) <= 1.0
+    direct = direct_scores(module, module.ema.module, data.splits["val"])
+    for name, value in direct.items():
+        assert float(logged[f"val/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert float(logged["val/loss"]) == pytest.approx(direct["mse"], rel=1e-5)
+    assert float(logged["val/cosine_step3"]) == pytest.approx(direct["cosine"], rel=1e-5)  # nothing halted yet
+    # first-token agreement: lm_head of the tiny backbone on the decompressed prediction vs the real state
+    batch, x, _ = compressed(module, data.splits["val"])
+    with torch.no_grad():
+        predicted = module.compressor.decompress(module.ema.module(x, batch["pre_mask"]).prediction)
+        head = module.llm.model.get_output_embeddings()
+        agreement = (head(predicted).argmax(-1) == head(batch["post"]).argmax(-1)).float().mean()
+    assert float(logged["val/first_token_agreement"]) == pytest.approx(float(agreement))
+
+
+def test_test_split_is_reported_with_the_validation_metrics(shards, compressor_dir):
+    module, data = make_module(compressor_dir), make_data(shards)
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, data)
+    val_tags = {tag for tag in trainer.callback_metrics if tag.startswith("val/")}
+    (tested,) = trainer.test(module, data, verbose=False)
+
+    assert {tag.replace("test/", "val/", 1) for tag in tested if not tag.startswith("test/baseline/")} == val_tags
+    assert {tag: value for tag, value in tested.items() if tag.startswith("test/baseline/")} == pytest.approx(
+        {f"test/baseline/{name}": value for name, value in module.baseline_results["test"].items()})
+    for name, value in direct_scores(module, module.ema.module, data.splits["test"]).items():
+        assert tested[f"test/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert module.baseline_results["test"] != module.baseline_results["val"]
+    # `llm-trm validate` without a fit first: the baselines are fitted at validation start
+    (validated,) = make_trainer().validate(make_module(compressor_dir), data, verbose=False)
+    assert validated["baseline/ridge_cosine"] == pytest.approx(module.baseline_results["val"]["ridge_cosine"])
+
+
+def test_metrics_json_describes_exactly_the_exported_weights(shards, compressor_dir, tmp_path):
+    module, data = make_module(compressor_dir), make_data(shards)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", mode="min")
+    trainer = make_trainer(max_epochs=3, enable_checkpointing=True,
+                           callbacks=[checkpoints, ExportBestModel(path=str(tmp_path / "trm"))])
+    trainer.fit(module, data)
+
+    metrics = json.loads((tmp_path / "trm" / "metrics.json").read_text())
+    exported = SequenceTRM.from_pretrained(tmp_path / "trm")
+    for split in ("val", "test"):
+        reported = metrics["splits"][split]
+        assert reported["role"] == {"val": "selection", "test": "report"}[split]
+        assert reported["num_samples"] == len(data.splits[split])
+        for name, value in direct_scores(module, exported, data.splits[split]).items():
+            assert reported["model"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, name)
+        assert reported["baselines"] == module.baseline_results[split]
+    assert metrics["weights_sha256"] == {"trm.safetensors": sha256_file(tmp_path / "trm" / "trm.safetensors")}
+
+    # the exported weights are the best checkpoint's EMA, selected on the validation split
+    selection = exported.metadata["selection"]
+    assert metrics["selection"] == selection
+    assert selection["checkpoint"] == checkpoints.best_model_path and selection["source"] == "best checkpoint"
+    assert (selection["monitor"], selection["mode"], selection["split"]) == ("val/loss", "min", "val")
+    assert selection["score"] == pytest.approx(float(checkpoints.best_model_score))
+    assert metrics["splits"]["val"]["model"]["loss"] == pytest.approx(selection["score"], rel=1e-5)
+    ids = "\n".join(sorted(data.val_sample_ids)).encode()
+    assert selection["val_sample_ids_sha256"] == hashlib.sha256(ids).hexdigest() and selection["val_samples"] == 5
+    best = torch.load(checkpoints.best_model_path, weights_only=True)["state_dict"]
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, best[f"ema.module.{name}"]), name
+
+
+def test_checkpoints_from_before_the_test_split_still_load(shards, compressor_dir, tmp_path):
+    module = make_module(compressor_dir)
+    trainer = make_trainer(limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, make_data(shards))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k.startswith(("val_metrics.", "test_metrics."))]:
+        value = state.pop(key)
+        if key.startswith("val_metrics.quality"):  # the old names
+            state[key.replace("val_metrics.quality", "val_quality")] = value
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    loaded = TRMModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    reference = module.train_quality.reference_mean
+    assert torch.equal(loaded.val_metrics.quality.reference_mean, reference)
+    assert torch.equal(loaded.test_metrics.quality.reference_mean, reference) and reference.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- configs and DDP
 
 
+def check_export(export: Path, datamodule, module: TRMModule | None = None) -> dict:
+    """The export folder loads, holds `module`'s EMA weights, and its metrics.json is finite; returns it."""
+    exported = SequenceTRM.from_pretrained(export)
+    if module is not None:
+        assert exported.config() == module.trm.config()
+        for name, value in exported.state_dict().items():
+            assert torch.equal(value, module.ema.module.state_dict()[name].cpu()), name
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert "val" in metrics["splits"] and set(metrics["splits"]) <= {"val", "test"}
+    for split, reported in metrics["splits"].items():
+        assert reported["num_samples"] == len(getattr(datamodule, f"{split}_sample_ids")) > 0
+        assert all(math.isfinite(v) for v in reported["model"].values()) and "full_explained_variance" in \
+            reported["model"]
+        assert bool(reported["baselines"]) == hasattr(datamodule, "summaries")
+    return metrics
+
+
 @pytest.mark.parametrize("config", ["configs/phase2/trm.yaml", "configs/demo/trm.yaml"])
 def test_config_runs_with_fast_dev_run(config, shards, compressor_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(REPO_ROOT / config), f"--data.init_args.data_path={shards}",
-          f"--model.init_args.compressor_checkpoint={compressor_dir}", "--data.init_args.num_workers=0",
-          "--trainer.fast_dev_run=true"])
+    cli = LLMTRMCLI(args=["fit", "--config", str(REPO_ROOT / config), f"--data.init_args.data_path={shards}",
+                          f"--model.init_args.compressor_checkpoint={compressor_dir}",
+                          "--data.init_args.num_workers=0", "--trainer.fast_dev_run=true",
+                          "--trainer.enable_progress_bar=false"])
+    trainer, module = cli.trainer, cli.model
+    # one training batch with one optimizer step per supervision step (nothing halts at the first step)
+    assert trainer.global_step == module.hparams.n_supervision_steps == {"configs/phase2/trm.yaml": 8,
+                                                                         "configs/demo/trm.yaml": 4}[config]
+    logged = {tag: float(value) for tag, value in trainer.callback_metrics.items()}
+    for tag in ("train/loss", "train/halt_prob", "val/loss", "val/cosine", "val/full_explained_variance",
+                "val/steps_used", "val/halt_accuracy"):
+        assert math.isfinite(logged[tag]), tag
+    assert logged["val/steps_used"] == module.hparams.n_supervision_steps  # a fresh halt head does not halt
+    (exporter,) = [c for c in trainer.callbacks if isinstance(c, ExportBestModel)]
+    expected = {"configs/phase2/trm.yaml": tmp_path / "trm", "configs/demo/trm.yaml": Path("runs/demo/trm_model")}
+    assert exporter.exported_to == expected[config]
+    metrics = check_export(exporter.exported_to, cli.datamodule, module)  # fast_dev_run: the final weights
+    assert metrics["selection"]["source"] == "final weights"
 
 
 def test_two_process_ddp_cpu_run(shards, compressor_dir, tmp_path):
@@ -359,3 +633,6 @@ def test_two_process_ddp_cpu_run(shards, compressor_dir, tmp_path):
     exported = list(tmp_path.glob("runs/demo/trm_model/config.json"))
     assert exported, result.stderr[-3000:]
     assert SequenceTRM.from_pretrained(exported[0].parent).d_compressed == D_COMPRESSED
+    metrics = json.loads((exported[0].parent / "metrics.json").read_text())
+    assert metrics["selection"]["source"] == "best checkpoint" and metrics["selection"]["monitor"] == "val/loss"
+    assert all(math.isfinite(v) for v in metrics["splits"]["val"]["model"].values())

@@ -1,58 +1,92 @@
 """Stage 1b data: thinking sequences (chat prompt + `<think> reasoning </think>`).
 
 Sources (`source=`):
+- a datagen output directory (the default, `./data/hidden_pairs`): the LLM's own thinking,
+  as the token ids it generated in `llm-trm datagen` (prompt, thinking and closing tag), so
+  stage 1b runs after datagen: stage 1a -> datagen -> stage 1b -> TRM;
 - a Hugging Face Hub dataset with a prompt field and a reasoning field
-  (default `openai/gsm8k`, subset `main`: `question` + the worked `answer`);
+  (e.g. `openai/gsm8k`, subset `main`: `question` + the human-written `answer`);
 - a local `.jsonl` file with those fields;
-- a datagen output directory (Phase 2 shards): the LLM's own thinking from the records;
 - `gsm_symbolic`: GSM8K-style problems with worked solutions from `reasoning-gym`, offline.
+
+Text sources are rendered with the prompt datagen and evaluation use (`build_chat_prompt`).
+`num_samples` / `val_samples` are upper bounds: a smaller source gives all it has (with a
+warning); an empty split is an error.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from llm_trm.backbone import DEFAULT_BACKBONE, THINK_CLOSE, THINK_OPEN
+from llm_trm.backbone import DEFAULT_BACKBONE, backbone_id
+from llm_trm.data.problems import build_chat_prompt
+from llm_trm.data.shards import iter_records, read_datagen_config
 from llm_trm.data.text import TokenBatchDataModule, is_heldout
-from llm_trm.errors import DataError
+from llm_trm.errors import ConfigMismatchError, DataError
+from llm_trm.thinking import THINK_CLOSE
 
 OFFLINE_GSM = "gsm_symbolic"
+DEFAULT_SOURCE = "./data/hidden_pairs"  # where `llm-trm datagen --config configs/phase2/datagen.yaml` writes
+DATAGEN_HINT = ("run `llm-trm datagen` first (configs/phase2/datagen.yaml writes ./data/hidden_pairs), "
+                "or set data.source to a datagen output")
 
 
 def format_thinking_sequence(tokenizer, prompt: str, thinking: str) -> str:
-    """The chat prompt with the assistant turn opened, then the thinking inside think tags."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    if not head.rstrip().endswith(THINK_OPEN):  # models without native thinking: open the tag ourselves
-        head += f"{THINK_OPEN}\n"
-    return f"{head}{thinking.strip()}\n{THINK_CLOSE}"
+    """The chat prompt the LLM gets in datagen (assistant turn opened at `<think>`), the thinking, the closing tag."""
+    return f"{build_chat_prompt(tokenizer, prompt, thinking=True)}{thinking.strip()}\n{THINK_CLOSE}"
 
 
-def _gsm_symbolic_pairs(count: int, seed: int) -> Iterator[tuple[str, str]]:
+@dataclass(frozen=True)
+class CoTExample:
+    """One thinking sequence: the token ids as generated, or the texts to render."""
+
+    prompt: str
+    thinking: str
+    token_ids: tuple[int, ...] = ()
+
+    def ids(self, tokenizer, max_length: int) -> list[int]:
+        if self.token_ids:
+            return list(self.token_ids[:max_length])
+        text = format_thinking_sequence(tokenizer, self.prompt, self.thinking)
+        return tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _gsm_symbolic_examples(count: int, seed: int) -> Iterator[CoTExample]:
     import reasoning_gym
 
     for entry in reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed):
-        yield entry["question"], entry["metadata"]["answer_cot"]
+        yield CoTExample(entry["question"], entry["metadata"]["answer_cot"])
 
 
-def _datagen_pairs(directory: Path) -> Iterator[tuple[str, str]]:
-    records = sorted(directory.glob("*.jsonl"))
+def _datagen_examples(directory: Path, backbone: str) -> Iterator[CoTExample]:
+    """The LLM's own thinking from a datagen directory's records, in index order."""
+    try:
+        recorded = (read_datagen_config(directory) or {}).get("backbone")
+        records = list(iter_records(directory))
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the datagen records in {directory} ({err}): "
+                        f"check it with `llm-trm datagen --verify {directory}`.") from err
     if not records:
-        raise DataError(f"{directory} has no datagen records (*.jsonl): run `llm-trm datagen` first.")
-    for path in records:
-        with open(path) as handle:
-            for line in handle:
-                record = json.loads(line)
-                yield record["problem"], record["thinking"]
+        raise DataError(f"{directory} holds no datagen records (no complete shards in its index): {DATAGEN_HINT}.")
+    # the records' token ids are only meaningful to the tokenizer that made them
+    wanted = backbone_id(backbone)
+    if recorded is not None and recorded != wanted:
+        raise ConfigMismatchError(
+            f"the datagen records in {directory} were made with backbone={recorded!r} but this run has "
+            f"backbone={wanted!r}: use the same backbone or another data.source."
+        )
+    for record in records:
+        yield CoTExample(record["problem"], record["thinking"], tuple(record.get("token_ids") or ()))
 
 
-def _table_pairs(source: str, subset: str | None, split: str, prompt_field: str,
-                 thinking_field: str) -> Iterator[tuple[str, str]]:
+def _table_examples(source: str, subset: str | None, split: str, prompt_field: str,
+                    thinking_field: str) -> Iterator[CoTExample]:
     import datasets
 
     path = Path(source).expanduser()
@@ -71,7 +105,7 @@ def _table_pairs(source: str, subset: str | None, split: str, prompt_field: str,
         raise DataError(f"{source} has no column(s) {sorted(missing)}; its columns are {table.column_names}: "
                         "set data.prompt_field / data.thinking_field.")
     for row in table:
-        yield row[prompt_field], row[thinking_field]
+        yield CoTExample(row[prompt_field], row[thinking_field])
 
 
 class SequenceDataset(Dataset):
@@ -91,61 +125,64 @@ class CoTDataModule(TokenBatchDataModule):
 
     Args:
         backbone: backbone spec whose tokenizer and chat template are used.
-        source: Hub dataset id, local .jsonl, datagen output dir, or `gsm_symbolic` (offline).
+        source: datagen output dir (default), Hub dataset id, local .jsonl, or `gsm_symbolic` (offline).
         subset: Hub dataset config name.
         split: Hub split; the held-out split is carved out of it by example.
-        prompt_field: column with the problem text.
-        thinking_field: column with the reasoning text.
+        prompt_field: column with the problem text (Hub / .jsonl sources).
+        thinking_field: column with the reasoning text (Hub / .jsonl sources).
         max_length: truncate sequences to this many tokens.
-        num_samples: training sequences.
-        val_samples: held-out sequences.
+        num_samples: at most this many training sequences (seed flag `--num_samples`).
+        val_samples: at most this many held-out sequences.
         val_fraction: share of examples held out.
         batch_size: sequences per batch per device.
         num_workers: dataloader workers.
         seed: seed of the split (and of generated offline problems).
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, source: str = "openai/gsm8k", subset: str | None = "main",
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, source: str = DEFAULT_SOURCE, subset: str | None = "main",
                  split: str = "train", prompt_field: str = "question", thinking_field: str = "answer",
-                 max_length: int = 1024, num_samples: int = 5000, val_samples: int = 256, val_fraction: float = 0.1,
+                 max_length: int = 1024, num_samples: int = 50000, val_samples: int = 256, val_fraction: float = 0.1,
                  batch_size: int = 8, num_workers: int = 0, seed: int = 0, trust_remote_code: bool = False) -> None:
         super().__init__(backbone, batch_size, num_workers, trust_remote_code)
         if num_samples < 1 or val_samples < 1:
             raise DataError("num_samples and val_samples must be >= 1.")
         self.save_hyperparameters()
 
-    def _pairs(self) -> Iterator[tuple[str, str]]:
+    def _examples(self) -> Iterator[CoTExample]:
         hp = self.hparams
         if hp.source == OFFLINE_GSM:
             # generate enough problems to fill both splits (the split is by example, as for other sources)
             needed = max(hp.num_samples / (1 - hp.val_fraction), hp.val_samples / hp.val_fraction)
-            return _gsm_symbolic_pairs(int(needed * 1.5) + 16, hp.seed)
+            return _gsm_symbolic_examples(int(needed * 1.5) + 16, hp.seed)
         path = Path(hp.source).expanduser()
         if path.is_dir():
-            return _datagen_pairs(path)
-        if hp.source.startswith((".", "/", "~")) and not path.exists():
-            raise DataError(f"CoT source {hp.source} does not exist: check data.source.")
-        return _table_pairs(hp.source, hp.subset, hp.split, hp.prompt_field, hp.thinking_field)
+            return _datagen_examples(path, self.backbone)
+        # a path, not a Hub id (those have at most one "/"), that is not there yet
+        if not path.exists() and (hp.source.startswith((".", "/", "~")) or hp.source.count("/") > 1):
+            raise DataError(f"CoT source {hp.source} does not exist: {DATAGEN_HINT}.")
+        return _table_examples(hp.source, hp.subset, hp.split, hp.prompt_field, hp.thinking_field)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
+        tokenizer = self.tokenizer
         train: list[torch.Tensor] = []
         val: list[torch.Tensor] = []
-        for index, (prompt, thinking) in enumerate(self._pairs()):
+        for index, example in enumerate(self._examples()):
             bucket = val if is_heldout(index, hp.val_fraction, hp.seed) else train
             wanted = hp.val_samples if bucket is val else hp.num_samples
             if len(bucket) < wanted:
-                text = format_thinking_sequence(self.tokenizer, prompt, thinking)
-                ids = self.tokenizer(text, add_special_tokens=False, truncation=True,
-                                     max_length=hp.max_length)["input_ids"]
-                bucket.append(torch.tensor(ids, dtype=torch.long))
+                bucket.append(torch.tensor(example.ids(tokenizer, hp.max_length), dtype=torch.long))
             if len(train) >= hp.num_samples and len(val) >= hp.val_samples:
                 break
-        if len(train) < hp.num_samples or len(val) < hp.val_samples:
+        if not train or not val:
             raise DataError(
-                f"{hp.source} gives {len(train)} training / {len(val)} held-out sequences, fewer than "
-                f"num_samples={hp.num_samples} / val_samples={hp.val_samples}: lower them or use more data."
+                f"{hp.source} gives {len(train)} training / {len(val)} held-out sequences (val_fraction="
+                f"{hp.val_fraction}); both need at least one: use more data or change data.val_fraction."
             )
+        if len(train) < hp.num_samples or len(val) < hp.val_samples:
+            rank_zero_warn(f"{hp.source} has fewer sequences than num_samples={hp.num_samples} / val_samples="
+                           f"{hp.val_samples}: training on all {len(train)}, validating on all {len(val)}.")
+        rank_zero_info(f"stage 1b data: {len(train)} training / {len(val)} held-out sequences from {hp.source}")
         self.train_set, self.val_set = SequenceDataset(train), SequenceDataset(val)

@@ -11,20 +11,24 @@ correctly. Problems without a record count as the hardest known. Training batche
 drawn by `CurriculumSampler`, which asks the trainer for its global step at every batch
 and draws only from the easiest `fraction(step)` of the problems.
 
-Batches are plain lists of `Problem`s; tokenization happens in the module.
+Batches are `ProblemBatch`es: the problems (tokenization happens in the module), the LLM's own
+correct datagen answer for each (the warm start's targets) and the curriculum's state when the
+batch was drawn. Data flows one way: the module gets all of this through the batches and never
+reads the DataModule; `warm_start_steps` comes from the model's config (the CLI links it).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from llm_trm.data.problem_datamodule import ProblemList, check_sources, collate_problems
+from llm_trm.data.problem_datamodule import ProblemList, check_sources
 from llm_trm.data.problems import Problem, load_problems
 from llm_trm.data.shards import index_files, iter_records
 from llm_trm.errors import DataError
@@ -39,9 +43,16 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def has_gold(problem: Problem) -> bool:
-    """Whether a problem can be checked: a gold answer (math) or tests (code)."""
-    return bool(problem.tests.strip()) if problem.kind == "code" else bool(str(problem.gold_answer).strip())
+@dataclass
+class ProblemBatch:
+    """A training or validation batch for GRPO."""
+
+    problems: list[Problem]
+    reference_answers: list[str | None]  # the LLM's own correct datagen answer, when it has one
+    curriculum: dict[str, float] = field(default_factory=dict)  # fraction, min/max difficulty at the draw
+
+    def __len__(self) -> int:
+        return len(self.problems)
 
 
 def read_records(records_dir: str | None) -> dict[str, dict[str, Any]]:
@@ -120,7 +131,6 @@ class GRPODataModule(L.LightningDataModule):
     """Problems for GRPO: a curriculum over the training problems, and held-out problems for validation.
 
     Args:
-        backbone: the LLM spec (copied from the model by the CLI; unused here, kept for the link).
         datasets: problem sources, e.g. `gsm8k` or `gsm8k,mbpp`; offline: `gsm_symbolic`, `jsonl:<path>`.
         split: the split problems come from (the training split: validation problems are held out of it).
         num_samples: training problems.
@@ -134,12 +144,12 @@ class GRPODataModule(L.LightningDataModule):
         difficulty: `thinking_tokens` (base model's thinking length), `base_correctness`
             (whether the base model answered correctly) or `none` (no curriculum).
         seed: drives generated sources, the held-out split's hash and the draws.
-        trust_remote_code: linked from the model by the CLI; unused here.
+        warm_start_steps: the model's warm start (linked from `model.warm_start_steps` by the CLI):
+            its batches are drawn from the problems the LLM answered correctly in datagen.
     """
 
     def __init__(
         self,
-        backbone: str = "",
         datasets: str = "gsm8k",
         split: str = "train",
         num_samples: int = 1000,
@@ -151,15 +161,16 @@ class GRPODataModule(L.LightningDataModule):
         curriculum_full_at_step: int = 1000,
         difficulty: Difficulty = "thinking_tokens",
         seed: int = 0,
-        trust_remote_code: bool = False,
+        warm_start_steps: int = 0,
     ) -> None:
         super().__init__()
         if difficulty not in DIFFICULTIES:
             raise DataError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
-        if batch_size < 1 or batches_per_epoch < 1 or num_samples < 1 or val_samples < 0:
-            raise DataError("batch_size, batches_per_epoch and num_samples must be >= 1 and val_samples >= 0")
+        if batch_size < 1 or batches_per_epoch < 1 or num_samples < 1 or val_samples < 0 or warm_start_steps < 0:
+            raise DataError("batch_size, batches_per_epoch and num_samples must be >= 1 and val_samples, "
+                            "warm_start_steps >= 0")
         check_sources(datasets)
-        self.backbone, self.trust_remote_code = backbone, trust_remote_code
+        self.warm_start_steps = warm_start_steps
         self.datasets, self.split = datasets, split
         self.num_samples, self.val_samples = num_samples, val_samples
         self.records_dir, self.difficulty = records_dir, difficulty
@@ -169,6 +180,7 @@ class GRPODataModule(L.LightningDataModule):
         self.train_problems: list[Problem] = []
         self.val_problems: list[Problem] = []
         self.records: dict[str, dict[str, Any]] = {}
+        self._correct_answers: dict[str, str] | None = None
         self.curriculum: DifficultyCurriculum | None = None
 
     # ---- problems ----------------------------------------------------------------------
@@ -178,6 +190,9 @@ class GRPODataModule(L.LightningDataModule):
             return
         self.records = read_records(self.records_dir)
         self.train_problems, self.val_problems = self._split(self._load())
+        if self.warm_start_steps > 0 and not self.correct_answers():
+            raise DataError("warm_start_steps > 0 needs the LLM's own correct answers: set data.records_dir "
+                            "to a datagen output with correct answers, or model.warm_start_steps: 0.")
         difficulties = problem_difficulties(self.train_problems, self.records, self.difficulty)
         full_at = 0 if self.difficulty == "none" else self.full_at_step
         self.curriculum = DifficultyCurriculum(difficulties, self.start_fraction, full_at)
@@ -190,6 +205,10 @@ class GRPODataModule(L.LightningDataModule):
         if len(problems) <= self.val_samples:
             raise DataError(f"{self.datasets!r} gave {len(problems)} problems, not enough for {self.val_samples} "
                             "held-out ones and a training set: lower val_samples")
+        missing = [p.sample_id for p in problems if not p.has_gold]
+        if missing:
+            raise DataError(f"{len(missing)} problem(s) of {self.datasets!r} have no gold answer or tests (e.g. "
+                            f"{missing[0]}): GRPO's reward cannot score them; use a dataset with answers.")
         return problems
 
     def _split(self, problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
@@ -207,7 +226,10 @@ class GRPODataModule(L.LightningDataModule):
 
     def correct_answers(self) -> dict[str, str]:
         """The base LLM's own correct answers by sample id (the warm start's targets)."""
-        return {sid: r["answer"] for sid, r in self.records.items() if r.get("correct") and r.get("answer")}
+        if self._correct_answers is None:
+            self._correct_answers = {sid: r["answer"] for sid, r in self.records.items()
+                                     if r.get("correct") and r.get("answer")}
+        return self._correct_answers
 
     def curriculum_state(self, step: int) -> dict[str, float]:
         """fraction, min and max difficulty of the problems in play at `step`."""
@@ -223,13 +245,21 @@ class GRPODataModule(L.LightningDataModule):
 
     def _warm_start_pool(self) -> Callable[[int], list[int] | None] | None:
         """During the model's warm start, draw only problems the LLM answered correctly in datagen."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        steps = int(getattr(module, "warm_start_steps", 0) or 0)
         answered = self.correct_answers()
         pool = [i for i, p in enumerate(self.train_problems) if p.sample_id in answered]
+        steps = self.warm_start_steps
         if steps <= 0 or not pool:
             return None
         return lambda step: pool if step < steps else None
+
+    def collate(self, problems: list[Problem]) -> ProblemBatch:
+        """Problems with their reference answers and the curriculum's state at this draw."""
+        answers = self.correct_answers()
+        curriculum = self.curriculum_state(self._global_step()) if self.curriculum is not None else {}
+        return ProblemBatch(list(problems), [answers.get(p.sample_id) for p in problems], curriculum)
+
+    def collate_validation(self, problems: list[Problem]) -> ProblemBatch:
+        return ProblemBatch(list(problems), [None] * len(problems))
 
     def train_dataloader(self) -> DataLoader:
         assert self.curriculum is not None, "call setup() first"
@@ -239,10 +269,11 @@ class GRPODataModule(L.LightningDataModule):
                                     self._global_step, num_replicas=world, rank=rank, seed=self.seed,
                                     pool=self._warm_start_pool())
         # num_workers 0: the sampler reads the trainer's step as each batch is drawn
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_problems)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ProblemList(self.val_problems), batch_size=self.batch_size, collate_fn=collate_problems)
+        return DataLoader(ProblemList(self.val_problems), batch_size=self.batch_size,
+                          collate_fn=self.collate_validation)
 
-    def transfer_batch_to_device(self, batch: list[Problem], device: Any, dataloader_idx: int) -> list[Problem]:
+    def transfer_batch_to_device(self, batch: ProblemBatch, device: Any, dataloader_idx: int) -> ProblemBatch:
         return batch  # text: tokens are made on the device by the module

@@ -10,6 +10,8 @@ answer in a checkable format, and the gold answer or tests to check it against.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import re
 import warnings
@@ -19,6 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from llm_trm.errors import LLMTRMError
 from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 
 # When a source has no size of its own (a generator), this many problems are made.
@@ -52,6 +55,11 @@ class Problem:
     tests: str = ""  # code: test code to run against the completion; "" for math
     entry_point: str = ""  # code: function name when the dataset has one
     difficulty: float | None = None
+
+    @property
+    def has_gold(self) -> bool:
+        """Whether the problem can be checked: a gold answer (math) or tests (code)."""
+        return bool(self.tests.strip()) if self.kind == "code" else bool(str(self.gold_answer).strip())
 
 
 Row = Mapping[str, Any]
@@ -360,6 +368,38 @@ def load_problems(
 
 # ------------------------------------------------------------------------ chat prompts
 
+# Chat templates that print today's date (SmolLM3's system block: "Today Date: ...", through
+# transformers' `strftime_now`) are rendered with this date instead, so that a prompt's text, and
+# so its hidden states, is the same whichever day datagen, training or evaluation runs.
+PROMPT_DATE = datetime.date(2025, 7, 1)
+
+# `strftime_now("<literal format>")` in a template. A callable passed as a template keyword cannot
+# shadow it: transformers turns every template keyword into plain data first (callables included),
+# so the call is replaced in the template text instead.
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")
+
+
+class ChatTemplateError(LLMTRMError, ValueError):
+    """A chat template that llm-trm cannot render reproducibly."""
+
+
+def pin_template_date(template: str, date: datetime.date | None = None) -> str:
+    """`template` with every `strftime_now("<format>")` call replaced by `date` (default `PROMPT_DATE`)."""
+    date = date or PROMPT_DATE
+    pinned = _STRFTIME_CALL.sub(lambda call: json.dumps(date.strftime(call.group(2))), template)
+    if "strftime_now" in pinned:
+        raise ChatTemplateError(
+            "the chat template calls strftime_now with a format that is not a string literal, so its "
+            "prompts would change with the date: give the tokenizer a template with a literal format."
+        )
+    return pinned
+
+
+def _pinned_chat_template(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template with its date pinned; None when it does not read the clock."""
+    template = tokenizer.get_chat_template()
+    return pin_template_date(template) if "strftime_now" in template else None
+
 
 def supports_enable_thinking(tokenizer: Any) -> bool:
     """Whether the chat template has SmolLM3-style `enable_thinking` switch."""
@@ -377,23 +417,47 @@ def _ends_with_empty_think(text: str) -> bool:
     return re.search(rf"{re.escape(THINK_OPEN)}\s*{re.escape(THINK_CLOSE)}\s*$", text) is not None
 
 
-def build_chat_prompt(tokenizer: Any, problem: Problem, thinking: bool = True) -> str:
-    """The chat-template text for `problem`, with the assistant turn opened.
+def build_chat_prompt(tokenizer: Any, problem: Problem | str, thinking: bool = True) -> str:
+    """The chat-template text for `problem` (a Problem or its prompt text), with the assistant turn opened.
 
     thinking=True ends with the open think tag ("<think>\\n"), so generation starts
     inside the thinking; thinking=False ends with an empty block
     ("<think>\\n\\n</think>\\n"), so the model answers directly. A template with an
     `enable_thinking` switch (SmolLM3) is used natively; for one without think
     tags (SmolLM2) a system message asks for them and the tags are prefilled.
+    A template that prints today's date gets `PROMPT_DATE` instead.
     """
     native = supports_enable_thinking(tokenizer)
-    messages = [{"role": "user", "content": problem.prompt}]
+    prompt = problem if isinstance(problem, str) else problem.prompt
+    messages = [{"role": "user", "content": prompt}]
     if not native:
         messages.insert(0, {"role": "system", "content": THINKING_SYSTEM_PROMPT})
-    options = {"enable_thinking": thinking} if native else {}
+    options: dict[str, Any] = {"enable_thinking": thinking} if native else {}
+    pinned = _pinned_chat_template(tokenizer)
+    if pinned is not None:
+        options["chat_template"] = pinned
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
     if thinking and not _ends_with_open_think(text):
         text += f"{THINK_OPEN}\n"
     if not thinking and not _ends_with_empty_think(text):
         text += f"{THINK_OPEN}\n\n{THINK_CLOSE}\n"
     return text
+
+
+def _probe_problems() -> list[Problem]:
+    """A math and a code problem built as the registry builds them (instructions included)."""
+    return [
+        Problem("probe:0", "probe", 0, math_prompt("Tom has 3 apples and buys 4 more. How many now?"), "7", "math"),
+        Problem("probe:1", "probe", 1, code_prompt("Write a function add(a, b) that returns a + b."), "", "code"),
+    ]
+
+
+def prompt_fingerprint(tokenizer: Any) -> str:
+    """Hash of the rendered prompt text: probe problems in both thinking modes, as the LLM would read them.
+
+    It changes with anything that changes what the LLM reads (chat template, system prompt,
+    answer instructions, date handling) and with nothing else.
+    """
+    texts = [build_chat_prompt(tokenizer, problem, thinking) for problem in _probe_problems()
+             for thinking in (True, False)]
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]

@@ -23,14 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_trm.errors import DataError
 from llm_trm.models.pretrained import PretrainedMixin
 
-__all__ = ["TinyRecursiveNetwork", "SequenceTRM", "TRMState", "TRMOutput"]
+__all__ = ["HALT_DECISION", "TinyRecursiveNetwork", "SequenceTRM", "TRMState", "TRMOutput"]
 
 INIT_STD = 0.02
 # sigmoid(-2) ~ 0.12: a fresh model does not halt at its first step, and the halt
 # probability is far enough from saturation for an MSE halt loss to move it.
 HALT_BIAS_INIT = -2.0
+# a sample stops reasoning once its halt probability exceeds this (SequenceTRM.halts)
+HALT_DECISION = 0.5
 NORM_EPS = 1e-6
 
 
@@ -310,7 +313,19 @@ class SequenceTRM(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def set_normalization(self, input_mean: Tensor, input_scale: Tensor | float, target_mean: Tensor,
                           target_scale: Tensor) -> None:
-        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std [D'] of the targets."""
+        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std [D'] of the targets.
+
+        Non-finite statistics (NaN/inf in the training states) are refused: they would make every
+        prediction non-finite, and they are saved with the weights.
+        """
+        statistics = {"input_mean": input_mean, "input_scale": input_scale, "target_mean": target_mean,
+                      "target_scale": target_scale}
+        for name, value in statistics.items():
+            if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                raise DataError(
+                    f"the TRM's normalisation statistic {name} is not finite (NaN/inf in the training states): "
+                    "check the shards with `llm-trm datagen --verify DIR` and regenerate the broken ones."
+                )
         self.input_mean.copy_(input_mean)
         self.input_scale.copy_(torch.as_tensor(input_scale).clamp_min(1e-6))
         self.target_mean.copy_(target_mean)
@@ -393,7 +408,11 @@ class SequenceTRM(PretrainedMixin, nn.Module):
         rows = torch.arange(y.shape[0], device=y.device)
         return y[rows, reasoning_index]
 
-    # -------------------------------------------------------------- inference
+    # -------------------------------------------------------------- halting and inference
+
+    def halts(self, halt_logit: Tensor) -> Tensor:
+        """The one halting rule (training, validation, inference, GRPO): stop once sigmoid(logit) > 0.5."""
+        return torch.sigmoid(halt_logit.float()) > HALT_DECISION
 
     def forward(
         self,
@@ -404,36 +423,44 @@ class SequenceTRM(PretrainedMixin, nn.Module):
     ) -> TRMOutput:
         """Run up to N_sup deep recursions with per-sample halting.
 
-        A sample halts once sigmoid(halt_logit) > 0.5; its prediction is frozen at
-        that step and it is left out of later steps (halted samples cost nothing).
-        With halt=False every sample runs all steps. The state is detached between
-        steps, so only the last step a sample ran carries a graph.
+        A sample halts once `halts(halt_logit)`; its prediction is frozen at that step and
+        it is left out of later steps (halted samples cost nothing). With halt=False every
+        sample runs all steps.
+
+        The steps run without gradient (the state is detached between steps anyway). When
+        gradients are enabled, each sample's last step is then run once more, with gradient,
+        from the state it entered that step with: `prediction` and `halt_logit` carry the
+        graph of exactly one supervision step per sample, at the memory cost of one step.
         """
         n_steps = self.n_supervision_steps if n_supervision_steps is None else n_supervision_steps
         _check_positive(n_supervision_steps=n_steps)
-        state = self.initial_state(x, mask)
-        batch = state.batch_size()
-        prediction = state.x_aug.new_zeros(batch, self.d_compressed)
-        halt_logit = state.x_aug.new_zeros(batch)
-        steps_used = torch.zeros(batch, dtype=torch.long, device=x.device)
-        active = torch.ones(batch, dtype=torch.bool, device=x.device)
-        step_predictions: list[Tensor] = []
-
-        for _ in range(n_steps):
-            rows = active.nonzero().squeeze(1)
-            everyone = len(rows) == batch
-            step_input = state if everyone else state.select(rows)
-            step_state, step_prediction, step_logit = self.deep_recursion(step_input)
-            state = step_state.detach() if everyone else _scatter_state(state, rows, step_state.detach())
-            prediction = prediction.index_copy(0, rows, step_prediction.to(prediction.dtype))
-            halt_logit = halt_logit.index_copy(0, rows, step_logit.to(halt_logit.dtype))
-            steps_used[rows] += 1
-            step_predictions.append(prediction)
-            if halt:
-                active[rows] = torch.sigmoid(step_logit) <= 0.5
-                if not active.any():
-                    break
-
+        with torch.no_grad():
+            state = self.initial_state(x, mask)
+            last_entered = state  # each sample's carry before the last step it ran
+            batch = state.batch_size()
+            prediction = state.x_aug.new_zeros(batch, self.d_compressed)
+            halt_logit = state.x_aug.new_zeros(batch)
+            steps_used = torch.zeros(batch, dtype=torch.long, device=x.device)
+            active = torch.ones(batch, dtype=torch.bool, device=x.device)
+            step_predictions: list[Tensor] = []
+            for _ in range(n_steps):
+                rows = active.nonzero().squeeze(1)
+                everyone = len(rows) == batch
+                step_input = state if everyone else state.select(rows)
+                last_entered = state if everyone else _scatter_state(last_entered, rows, step_input)
+                step_state, step_prediction, step_logit = self.deep_recursion(step_input)
+                state = step_state.detach() if everyone else _scatter_state(state, rows, step_state.detach())
+                prediction = prediction.index_copy(0, rows, step_prediction.to(prediction.dtype))
+                halt_logit = halt_logit.index_copy(0, rows, step_logit.to(halt_logit.dtype))
+                steps_used[rows] += 1
+                step_predictions.append(prediction)
+                if halt:
+                    active[rows] = ~self.halts(step_logit)
+                    if not active.any():
+                        break
+        if torch.is_grad_enabled():
+            # x carries the caller's graph (e.g. a trainable compressor), y and z do not
+            _, prediction, halt_logit = self.deep_recursion(replace(last_entered, x=x, mask=mask.bool()))
         return TRMOutput(prediction, halt_logit, torch.sigmoid(halt_logit), steps_used, step_predictions)
 
 

@@ -4,11 +4,12 @@ schedule, and an optimizer step that skips NaN/inf losses consistently on every 
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from llm_trm.backbone import DEFAULT_ATTN_IMPLEMENTATION, Backbone, load_backbone
 from llm_trm.errors import ConfigMismatchError, NonFiniteLossError
@@ -37,6 +38,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def advance_schedule(scheduler: LRScheduler, position: int) -> None:
+    """Move a step-wise scheduler forward to `position` (its step count) and apply the LR it gives there.
+
+    For a module whose schedule follows batch progress while its optimizer steps a varying
+    number of times per batch (the TRM's halted samples take fewer steps): it steps the
+    scheduler with each update as usual, then jumps to the batch's end. Never moves back.
+    """
+    if position > scheduler.last_epoch:
+        scheduler.last_epoch = position - 1
+        with warnings.catch_warnings():  # a batch skipped whole (non-finite) moves on before any optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
 
 
 def manual_update(module: L.LightningModule, loss: Tensor, gradient_clip_val: float = 0.0) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm_trm.backbone import DEFAULT_BACKBONE, HIDDEN_STATE_CONVENTION, backbone_id, hidden_size_of
-from llm_trm.errors import ConfigMismatchError
+from llm_trm.errors import ArtifactNotFoundError, ConfigMismatchError
 from llm_trm.eval.figures import compressor_vs_pca, log_figure, pca_spectrum
 from llm_trm.eval.metrics import VectorQuality
 from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor
@@ -95,7 +95,15 @@ class CompressorModule(FrozenBackboneMixin, L.LightningModule):
                 "stage 1b starts from a stage 1a compressor: set model.init_from to its export folder, "
                 ".ckpt file or Hub id."
             )
-        loaded = load_compressor(init_from)
+        try:
+            loaded = load_compressor(init_from)
+        except ArtifactNotFoundError as err:
+            raise ArtifactNotFoundError(
+                f"stage 1b starts from your stage 1a compressor, and model.init_from={init_from} cannot be loaded: "
+                "run stage 1a first (`llm-trm fit --config configs/phase1/stage1a.yaml` exports "
+                "runs/phase1/compressor_1a) or set model.init_from to a 1a export folder, .ckpt or Hub id "
+                f"({err})"
+            ) from err
         found = {"d_model": loaded.d_model, "d_compressed": loaded.d_compressed, **loaded.metadata}
         check_compatible(init_from, found, self._expected())
         self.compressor.load_state_dict(loaded.state_dict())

@@ -22,10 +22,8 @@ and `DatagenProgressBar` shows samples/s and thinking tokens/s.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
@@ -45,11 +43,13 @@ from llm_trm.backbone import (
 )
 from llm_trm.batching import pad_token_ids
 from llm_trm.data import problems as problem_registry
-from llm_trm.data.problems import Problem, build_chat_prompt, supports_enable_thinking
+from llm_trm.data.problems import Problem, supports_enable_thinking
 from llm_trm.data.shards import ShardWriter, read_index
 from llm_trm.eval.answers import check_answer
+from llm_trm.generation import GREEDY, Decoding, generate
+from llm_trm.latent import Prompt, encode_prompt, pre_states, prompt_pass
 from llm_trm.modules.common import FrozenBackboneMixin
-from llm_trm.thinking import THINK_CLOSE, cut_at_end, opening_tag_end, split_at_close
+from llm_trm.thinking import THINK_CLOSE, split_at_close
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +119,15 @@ def sum_over_ranks(strategy: Any, counts: list[int]) -> list[int]:
     return [int(round(value)) for value in strategy.reduce(values, reduce_op="sum").tolist()]
 
 
-# --------------------------------------------------------------------------- token helpers
-
-
-@dataclass
-class _Prepared:
-    problem: Problem
-    prompt_ids: list[int]
-    pre_length: int
-
-
 @dataclass
 class _Thought:
+    prompt: Prompt
     thinking_ids: list[int]
     closed: bool
-    extraction_ids: list[int]
+
+    def extraction_ids(self, close_ids: list[int]) -> list[int]:
+        """prompt + thinking + the canonical closing tag: what the extraction pass reads."""
+        return self.prompt.ids + self.thinking_ids + close_ids
 
 
 # --------------------------------------------------------------------------- module
@@ -198,11 +192,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         return int(getattr(config, "max_position_embeddings", None) or 10**9)
 
     def prompt_fingerprint(self) -> str:
-        """Hash of everything that shapes the prompt text: chat template and instructions."""
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        parts = [str(template), problem_registry.THINKING_SYSTEM_PROMPT, problem_registry.MATH_INSTRUCTION,
-                 problem_registry.CODE_INSTRUCTION]
-        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+        """Hash of the rendered prompt text (template, system prompt, instructions, pinned date)."""
+        return problem_registry.prompt_fingerprint(self.tokenizer)
 
     def prompt_format(self) -> str:
         if supports_enable_thinking(self.tokenizer):
@@ -210,10 +201,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         return "chat template, system prompt asking for think tags, <think> prefilled"
 
     def sampling_settings(self) -> dict[str, Any]:
-        hp = self.hparams
-        if not hp.do_sample:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
+        return self.decoding.as_dict()
 
     def datagen_settings(self) -> dict[str, Any]:
         """The module's part of datagen_config.json: what determines the stored states and records."""
@@ -239,110 +227,85 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         self.llm.check_layer(self.layer)  # load the backbone (on this rank's device) and fail early
 
     def predict_step(self, batch: list[Problem], batch_idx: int = 0, dataloader_idx: int = 0) -> DatagenBatch:
-        prepared, skipped = self._prepare(batch)
+        prompts, skipped = self._prepare(batch)
         result = DatagenBatch(skipped_too_long=skipped)
-        if prepared:
-            thoughts = self._think(prepared)
-            pre_states, post_states = self._extract(prepared, thoughts)
+        if prompts:
+            thoughts = self._think(prompts)
+            pre, post = self._extract(thoughts)
             answers = self._answer(thoughts)
-            result.pairs = [
-                HiddenPair(pre, post, self._record(item, thought, answer))
-                for item, thought, pre, post, answer in zip(prepared, thoughts, pre_states, post_states, answers)
-            ]
+            result.pairs = [HiddenPair(p, q, self._record(thought, answer))
+                            for thought, p, q, answer in zip(thoughts, pre, post, answers)]
         self.stats.add(result)
         return result
 
-    def _prepare(self, problems: list[Problem]) -> tuple[list[_Prepared], list[str]]:
+    def _prepare(self, problems: list[Problem]) -> tuple[list[Prompt], list[str]]:
         """Tokenized prompts of the problems that fit the context window, and the ids that do not."""
-        tokenizer, hp = self.tokenizer, self.hparams
+        hp = self.hparams
         budget = self.context_window - hp.max_new_tokens - len(self._close_ids) - hp.max_answer_tokens
         prepared, skipped = [], []
         for problem in problems:
-            text = build_chat_prompt(tokenizer, problem, thinking=True)
-            prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(prompt_ids) > budget:
+            prompt = encode_prompt(self.tokenizer, problem, thinking=True)
+            if len(prompt.ids) > budget:
                 log.warning(
                     "skipping %s: its prompt of %d tokens + max_new_tokens %d + max_answer_tokens %d "
                     "exceeds the context window of %d tokens",
-                    problem.sample_id, len(prompt_ids), hp.max_new_tokens, hp.max_answer_tokens, self.context_window,
+                    problem.sample_id, len(prompt.ids), hp.max_new_tokens, hp.max_answer_tokens, self.context_window,
                 )
                 skipped.append(problem.sample_id)
                 continue
-            prepared.append(_Prepared(problem, prompt_ids, opening_tag_end(tokenizer, text, prompt_ids)))
+            prepared.append(prompt)
         return prepared, skipped
 
     @property
     def _close_ids(self) -> list[int]:
         return self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
 
-    def _eos_ids(self) -> set[int]:
-        """The tokenizer's and the model's end-of-turn ids."""
-        model_eos = self.llm.model.generation_config.eos_token_id
-        ids = {self.tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
-        return {int(token) for token in ids if token is not None}
+    @property
+    def decoding(self) -> Decoding:
+        hp = self.hparams
+        if not hp.do_sample:
+            return GREEDY
+        return Decoding(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k or 0)
 
-    def _end_ids(self) -> set[int]:
-        """Ids after which a generated row holds nothing: EOS, and the padding of finished rows."""
-        return self._eos_ids() | {int(self.tokenizer.pad_token_id)}
-
-    def _generation_config(self, max_new_tokens: int, stop_strings: list[str] | None = None) -> Any:
-        # A fresh config, so the backbone's own generation defaults never change the output.
-        from transformers import GenerationConfig
-
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            stop_strings=stop_strings,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self._eos_ids()),
-            **self.sampling_settings(),
-        )
-
-    def _generate(self, sequences: list[list[int]], max_new_tokens: int, stop_strings: list[str] | None) -> list[list[int]]:
-        """New token ids per sequence (left-padded batched generation), cut at EOS/padding."""
+    def _generate(self, sequences: list[list[int]], max_new_tokens: int, stop_text: str | None) -> list[list[int]]:
+        """New token ids per sequence (left-padded batched generation), cut at end-of-turn/padding."""
         input_ids, attention_mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="left")
-        output = self.llm.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=self._generation_config(max_new_tokens, stop_strings),
-            tokenizer=self.tokenizer,
-            **self._extra_generate_kwargs(),
-        )
-        end_ids = self._end_ids()
-        return [cut_at_end(row, end_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+        return generate(self.llm.model, self.tokenizer, input_ids=input_ids, attention_mask=attention_mask,
+                        max_new_tokens=max_new_tokens, decoding=self.decoding, stop_text=stop_text,
+                        logits_processors=self._extra_logits_processors()).new_ids
 
-    def _extra_generate_kwargs(self) -> dict[str, Any]:
-        """Hook for subclasses and tests (e.g. a logits processor); none by default."""
-        return {}
+    def _extra_logits_processors(self) -> list[Any]:
+        """Hook for subclasses and tests (e.g. a processor that forces a token); none by default."""
+        return []
 
-    def _think(self, prepared: list[_Prepared]) -> list[_Thought]:
-        generated = self._generate([item.prompt_ids for item in prepared], self.hparams.max_new_tokens, [THINK_CLOSE])
-        close_ids = self._close_ids
-        thoughts = []
-        for item, new_ids in zip(prepared, generated):
-            thinking_ids, closed = split_at_close(new_ids, self._decode)
-            thoughts.append(_Thought(thinking_ids, closed, item.prompt_ids + thinking_ids + close_ids))
-        return thoughts
+    def _think(self, prompts: list[Prompt]) -> list[_Thought]:
+        generated = self._generate([prompt.ids for prompt in prompts], self.hparams.max_new_tokens, THINK_CLOSE)
+        return [_Thought(prompt, *split_at_close(new_ids, self._decode)) for prompt, new_ids in zip(prompts, generated)]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _extract(self, prepared: list[_Prepared], thoughts: list[_Thought]) -> tuple[list[Tensor], list[Tensor]]:
-        """The one extraction pass: pre states [L_i, D] and the post state [D] per sample."""
-        sequences = [thought.extraction_ids for thought in thoughts]
-        input_ids, attention_mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="right")
-        states = self.llm.hidden_states(input_ids, attention_mask, self.layer)
-        pre = [states[row, : item.pre_length].cpu() for row, item in enumerate(prepared)]
+    def _extract(self, thoughts: list[_Thought]) -> tuple[list[Tensor], list[Tensor]]:
+        """The one extraction pass (right-padded, so a stored state can be recomputed from the record's
+        token ids alone): pre states [L_i, D] as `latent.pre_states` cuts them, and the post state [D]."""
+        sequences = [thought.extraction_ids(self._close_ids) for thought in thoughts]
+        input_ids, mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="right")
+        states, _ = prompt_pass(self.llm.model, input_ids, mask, self.layer, use_cache=False)
+        pre, pre_mask = pre_states(states, mask, [thought.prompt.pre_length for thought in thoughts])
+        pre_rows = [pre[row, : int(pre_mask[row].sum())].cpu() for row in range(len(thoughts))]
         post = [states[row, len(seq) - 1].cpu() for row, seq in enumerate(sequences)]
-        return pre, post
+        return pre_rows, post
 
     def _answer(self, thoughts: list[_Thought]) -> list[str]:
         if self.hparams.max_answer_tokens == 0:
             return [""] * len(thoughts)
-        generated = self._generate([t.extraction_ids for t in thoughts], self.hparams.max_answer_tokens, None)
+        sequences = [thought.extraction_ids(self._close_ids) for thought in thoughts]
+        generated = self._generate(sequences, self.hparams.max_answer_tokens, None)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
-    def _record(self, item: _Prepared, thought: _Thought, answer: str) -> dict[str, Any]:
-        problem = item.problem
+    def _record(self, thought: _Thought, answer: str) -> dict[str, Any]:
+        problem = thought.prompt.problem
+        extraction_ids = thought.extraction_ids(self._close_ids)
         checked = self.hparams.max_answer_tokens > 0
         return {
             "sample_id": problem.sample_id,
@@ -353,9 +316,9 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             "gold_answer": problem.gold_answer,
             "correct": check_answer(problem, answer) if checked else None,
             "closed_thinking": thought.closed,
-            "token_ids": thought.extraction_ids,
-            "pre_length": item.pre_length,
-            "post_position": len(thought.extraction_ids) - 1,
+            "token_ids": extraction_ids,
+            "pre_length": thought.prompt.pre_length,
+            "post_position": len(extraction_ids) - 1,
             "num_thinking_tokens": len(thought.thinking_ids),
         }
 

@@ -1,32 +1,34 @@
 """GRPOModule: Phase 3, the TRM + compressor (+ input adapter) trained on answer correctness.
 
-The frozen LLM answers from the latent path of `LatentReasoner`'s `trm` mode:
+The frozen LLM answers from the latent path (`llm_trm.latent`, shared with evaluation's `trm`
+mode and datagen):
 
     prompt <think>  [k soft vectors]  </think>  answer
 
 For each batch of problems:
 
-1. one no-grad forward over the thinking prompts gives the states up to and including
-   the opening think tag; they are compressed (with gradient), the TRM reasons (the
-   supervision steps run without gradient, following the halt head as inference does,
-   then each sample's last step runs again with gradient), the prediction is
+1. one no-grad prompt pass over the thinking prompts gives the states up to and including
+   the opening think tag and the prompt's KV cache; the states are compressed (with
+   gradient), the TRM reasons (`SequenceTRM.forward`: the supervision steps follow the halt
+   head as at inference, each sample's last step carries the gradient), the prediction is
    decompressed and the adapter maps it to k soft input vectors;
-2. the frozen LLM samples `group_size` answers per problem from those inputs (no grad);
-3. each answer is scored (`check_answer`, plus an optional format bonus; or, for the
-   sanity task, whether its first token is a given token); rewards are normalised
-   within each group (`group_advantages`);
-4. a teacher-forced forward over [prompt, soft vectors, closing tag, answer] gives the
-   answer tokens' log-probabilities, with gradient through the frozen LLM into the
-   adapter, TRM and compressor; the clipped policy loss is minimised.
+2. the frozen LLM samples `group_size` answers per problem from those inputs, reusing the
+   prompt's KV cache (expanded to the group) instead of re-reading the prompt G times;
+3. each answer is scored by the reward functions (`llm_trm.rl.rewards`); rewards are
+   normalised within each group (`group_advantages`);
+4. a teacher-forced forward over [soft vectors, closing tag, answer], again after the
+   prompt's KV cache, gives the answer tokens' log-probabilities with gradient through the
+   frozen LLM into the adapter, TRM and compressor; the clipped policy loss is minimised.
 
 Options: a KL penalty toward the frozen Phase 2 TRM's prediction (Gaussian KL with the
-exploration noise's std, 1 without noise); Gaussian exploration noise on the compressed
-latent, each group member its own sample. With noise the latent is an action of the
-policy: the TRM and the compressor's compression learn through its Gaussian
-log-probability, and the token log-probabilities (given the sampled latent) train the
-adapter and the compressor's decompression. A warm start of `warm_start_steps` steps
-first maximises the likelihood of the LLM's own correct answers (datagen records)
-given the soft vectors, so that RL does not start from noise.
+exploration noise's std, 1 without noise; the reference runs only when `kl_coef > 0`);
+Gaussian exploration noise on the compressed latent, each group member its own sample.
+With noise the latent is an action of the policy: the TRM and the compressor's compression
+learn through its Gaussian log-probability, and the token log-probabilities (given the
+sampled latent) train the adapter and the compressor's decompression. A warm start of
+`warm_start_steps` steps first maximises the likelihood of the LLM's own correct answers
+(datagen records, which the DataModule attaches to the batches) given the soft vectors, so
+that RL does not start from noise.
 
 The LLM's weights never change and never enter a checkpoint (FrozenBackboneMixin).
 Sampling is seeded per (seed, global step, rank), so a resumed run samples what an
@@ -37,9 +39,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +50,22 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from llm_trm.backbone import DEFAULT_BACKBONE, THINK_CLOSE, THINK_OPEN, backbone_id, hidden_size_of
+from llm_trm.backbone import DEFAULT_BACKBONE, backbone_id, hidden_size_of
 from llm_trm.batching import pad_token_ids, position_ids
-from llm_trm.data.grpo_data import has_gold
-from llm_trm.data.problems import Problem, build_chat_prompt
-from llm_trm.errors import ConfigMismatchError, DataError, LLMTRMError
-from llm_trm.eval.answers import check_answer
-from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor, load_trm
-from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter
-from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.trm import SequenceTRM
-from llm_trm.modules.common import (FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length,
-                                    warmup_cosine)
+from llm_trm.data.grpo_data import ProblemBatch
+from llm_trm.data.problems import Problem
+from llm_trm.errors import ConfigMismatchError
+from llm_trm.generation import GREEDY, Decoding, generate
+from llm_trm.hub import METADATA_KEY, check_compatible, strip_prefix
+from llm_trm.latent import (ADAPTER_SUBFOLDER, COMPRESSOR_SUBFOLDER, PromptBatch, build_adapter, check_adapter,
+                            check_parts, encode_prompt, load_compressor_and_trm, pre_states, predict, prompt_pass,
+                            rewind_cache, soft_inputs, soft_vectors)
+from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length, warmup_cosine
 from llm_trm.rl.objective import (clipped_policy_loss, equal_reward_share, gaussian_kl, gaussian_log_prob,
                                   group_advantages)
+from llm_trm.rl.rewards import CheckerError, Completion, resolve_rewards
+from llm_trm.thinking import THINK_CLOSE, end_of_turn_ids
 
-ADAPTER_SUBFOLDER = "adapter"  # where LatentReasoner(adapter="auto") looks inside a TRM export folder
-COMPRESSOR_SUBFOLDER = "compressor"
-HALT_DECISION = 0.5
-FIRST_TOKEN_REWARD = re.compile(r"^first_token:(\d+)$")
-FORMAT_MARKERS = {"math": "\\boxed{", "code": "```"}
 GRPO_CHECKPOINT_KEY = "grpo_state"
 PARTS = ("trm", "compressor", "adapter")
 
@@ -77,14 +74,17 @@ PARTS = ("trm", "compressor", "adapter")
 
 
 @dataclass
-class PromptBatch:
-    """Left-padded thinking prompts and each prompt's length up to and including the opening tag."""
+class Prompted:
+    """A batch of problems after its one prompt pass: prompts, pre states, and the prompt's KV cache."""
 
-    problems: list[Problem]
-    input_ids: Tensor  # [B, W]
-    mask: Tensor  # [B, W]
-    lengths: list[int]
-    pre_lengths: list[int]
+    batch: PromptBatch
+    pre: Tensor  # [B, L, D] float32, right-padded
+    pre_mask: Tensor  # [B, L]
+    cache: Any  # the prompt's KV cache (None when not reused); expanded in place for a group
+
+    @property
+    def width(self) -> int:
+        return self.batch.input_ids.shape[1]
 
 
 @dataclass
@@ -98,57 +98,9 @@ class Latent:
     extra: Tensor | None = None  # 0 x unused outputs (the halt head), so DDP sees every parameter used
 
 
-def cut_after_end(ids: list[int], end_ids: set[int]) -> list[int]:
-    """Tokens up to and including the first end-of-turn token: stopping is an action too."""
-    for position, token in enumerate(ids):
-        if token in end_ids:
-            return ids[: position + 1]
-    return ids
-
-
 def step_seed(seed: int, *parts: int) -> int:
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(digest[:7], "big")
-
-
-def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
-def _load(kind: str, spec: str, loader: Any) -> Any:
-    """loader(spec), with an unreadable artifact turned into one line naming it."""
-    try:
-        return loader(spec)
-    except LLMTRMError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise LLMTRMError(f"cannot load the {kind} from {spec}: {err}".splitlines()[0]) from err
-
-
-def reason(trm: SequenceTRM, x: Tensor, mask: Tensor, halting: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(prediction [B, D'], halt_logit [B], steps used [B]): each sample's last supervision step with gradient.
-
-    The steps before a sample's last one run without gradient (as Phase 2 detaches between
-    steps); with `halting` a sample's last step is the one after which its halt probability
-    first exceeds 0.5, as at inference. Each sample's state entering its last step is kept,
-    and that step runs once more with gradient for the whole batch.
-    """
-    carry = trm.initial_state(x, mask)
-    running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    steps_before = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    with torch.no_grad():
-        for _ in range(trm.n_supervision_steps - 1):
-            stepped, _, halt_logit = trm.deep_recursion(carry)
-            halts_now = running & (torch.sigmoid(halt_logit.float()) > HALT_DECISION) if halting else ~running
-            advance = running & ~halts_now  # a sample that halts now keeps the state it entered this step with
-            keep = advance[:, None, None]
-            carry = replace(carry, y=torch.where(keep, stepped.y, carry.y), z=torch.where(keep, stepped.z, carry.z))
-            steps_before += advance.long()
-            running = advance
-            if not running.any():
-                break
-    _, prediction, halt_logit = trm.deep_recursion(carry.detach())
-    return prediction, halt_logit, steps_before + 1
 
 
 # ---------------------------------------------------------------------------- module
@@ -162,7 +114,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         compressor_checkpoint: the compressor (seed Phase 3 flag): export folder, `.ckpt` or Hub id.
         trm_checkpoint: the Phase 2 TRM (seed Phase 3 flag): export folder, `.ckpt` or Hub id.
         adapter: `linear` (a fresh LinearAdapter, starts as norm matching), `norm_match`
-            (no parameters) or an adapter export folder.
+            (no parameters) or an adapter export folder (e.g. a Phase 2b bridge).
         n_soft_vectors: k, soft input vectors in the think block (for `linear` / `norm_match`).
         group_size: G, answers sampled per problem.
         temperature: sampling temperature; the log-probabilities are those of the same tempered softmax.
@@ -173,11 +125,14 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         updates_per_batch: optimizer steps on each batch's samples (the first at ratio 1).
         kl_coef: weight of the KL penalty toward the frozen Phase 2 TRM's prediction (in D').
         latent_noise_std: std of the Gaussian exploration noise on the compressed latent (0: none).
-        format_reward: bonus for an answer in the expected format (\\boxed{} / a code block).
-        reward: `answer` (check_answer against the gold answer or tests) or `first_token:<id>`
-            (1 when the first answer token is <id>: the sanity task).
-        warm_start_steps: steps of teacher forcing on the LLM's own correct datagen answers first.
+        format_reward: weight of the format bonus (\\boxed{} / a code block).
+        reward: `answer` (the answer checks out against the gold answer or tests) or
+            `first_token:<id>` (the first answer token is <id>: the sanity task).
+        warm_start_steps: steps of teacher forcing on the LLM's own correct datagen answers first
+            (the CLI links it to the DataModule, which draws those problems).
         halting: follow the TRM's halt head (as inference does); false runs every supervision step.
+        reuse_prompt_cache: one prompt pass per problem whose KV cache serves all G samples and
+            the log-probability pass (false recomputes the prompt each time: more compute, less memory).
         equal_reward_warn_steps: warn when every group had equal rewards this many steps in a row.
         max_nonfinite_steps: stop after this many non-finite losses in a row (skipped and counted).
         gradient_clip_val: max gradient norm (0 disables).
@@ -209,6 +164,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         reward: str = "answer",
         warm_start_steps: int = 0,
         halting: bool = True,
+        reuse_prompt_cache: bool = True,
         equal_reward_warn_steps: int = 20,
         max_nonfinite_steps: int = 10,
         gradient_clip_val: float = 1.0,
@@ -224,8 +180,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         self._check_settings()
         self.backbone, self.backbone_dtype, self.trust_remote_code = backbone, backbone_dtype, trust_remote_code
         self.attn_implementation = attn_implementation
-        self.warm_start_steps = warm_start_steps  # read by GRPODataModule to draw warm-start problems
-        self.target_token = self._parse_reward(reward)
+        self.rewards = resolve_rewards(reward, format_reward)
         # the small parts load and are checked first, so a wrong path fails before the LLM loads
         self.compressor, self.trm, self.layer = self._load_parts(compressor_checkpoint, trm_checkpoint)
         self.adapter = self._make_adapter(adapter, n_soft_vectors)
@@ -236,7 +191,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             getattr(self, part).requires_grad_(lr > 0)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.equal_reward_streak = 0
-        self.correct_answers: dict[str, str] = {}
+        self.sampling = Decoding(do_sample=True, temperature=temperature)
 
     # ---- construction ------------------------------------------------------------------
 
@@ -250,47 +205,21 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         if min(hp.lr_trm, hp.lr_compressor, hp.lr_adapter) < 0 or max(hp.lr_trm, hp.lr_compressor, hp.lr_adapter) == 0:
             raise ConfigMismatchError("learning rates must be >= 0 and at least one of lr_trm, lr_compressor, "
                                       "lr_adapter positive (0 freezes that part).")
-        if hp.latent_noise_std < 0 or hp.kl_coef < 0:
-            raise ConfigMismatchError("latent_noise_std and kl_coef must be >= 0.")
+        if hp.latent_noise_std < 0 or hp.kl_coef < 0 or hp.warm_start_steps < 0:
+            raise ConfigMismatchError("latent_noise_std, kl_coef and warm_start_steps must be >= 0.")
 
-    @staticmethod
-    def _parse_reward(reward: str) -> int | None:
-        if reward == "answer":
-            return None
-        match = FIRST_TOKEN_REWARD.match(reward)
-        if match is None:
-            raise ConfigMismatchError(f"reward must be `answer` or `first_token:<token id>`, got {reward!r}.")
-        return int(match.group(1))
-
-    def _load_parts(self, compressor_spec: str, trm_spec: str) -> tuple[DimensionCompressor, SequenceTRM, int]:
+    def _load_parts(self, compressor_spec: str, trm_spec: str):
         """Load compressor and TRM and check that they fit each other and the backbone (one-line errors)."""
-        compressor = _load("compressor", compressor_spec, lambda s: load_compressor(str(s)))
-        trm = _load("TRM", trm_spec, lambda s: load_trm(str(s)))
+        compressor, trm = load_compressor_and_trm(compressor_spec, trm_spec)
         hidden, bid = hidden_size_of(self.backbone, self.trust_remote_code), backbone_id(self.backbone)
-        if compressor.d_model != hidden:
-            raise ConfigMismatchError(f"compressor {compressor_spec} maps D={compressor.d_model} but backbone "
-                                      f"{bid} has D={hidden}: use the compressor trained on this backbone.")
-        if trm.d_compressed != compressor.d_compressed:
-            raise ConfigMismatchError(f"TRM {trm_spec} works in D'={trm.d_compressed} but compressor "
-                                      f"{compressor_spec} gives D'={compressor.d_compressed}: use the compressor "
-                                      "the TRM was trained with.")
         layer = int(compressor.metadata.get("layer", -1))
-        check_compatible(f"compressor {compressor_spec}", compressor.metadata, {"backbone": bid})
-        check_compatible(f"TRM {trm_spec}", trm.metadata, {"d_model": hidden, "backbone": bid, "layer": layer})
+        check_parts(compressor, trm, hidden, bid, layer, f"compressor {compressor_spec}", f"TRM {trm_spec}")
         return compressor.float(), trm.float(), layer
 
-    def _make_adapter(self, spec: str, n_soft_vectors: int) -> LatentAdapter:
+    def _make_adapter(self, spec: str, n_soft_vectors: int):
         embeddings = self.llm.model.get_input_embeddings().weight
-        hidden = self.compressor.d_model
-        if spec == "linear":
-            adapter: LatentAdapter = LinearAdapter.for_embeddings(embeddings, hidden, n_soft_vectors)
-        elif spec == "norm_match":
-            adapter = NormMatchAdapter.for_embeddings(embeddings, n_soft_vectors)
-        else:
-            adapter = _load("adapter", spec, LatentAdapter.from_pretrained)
-        if adapter.d_model != hidden or adapter.d_embed != embeddings.shape[1]:
-            raise ConfigMismatchError(f"adapter {spec} maps D={adapter.d_model} -> E={adapter.d_embed} but the "
-                                      f"backbone has D={hidden}, E={embeddings.shape[1]}: use one made for it.")
+        adapter = build_adapter(spec, embeddings, self.compressor.d_model, n_soft_vectors)
+        check_adapter(adapter, self.compressor.d_model, embeddings.shape[1], f"adapter {spec}")
         return adapter.float()
 
     def train(self, mode: bool = True) -> GRPOModule:
@@ -317,21 +246,6 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             "n_soft_vectors": self.adapter.n_vectors,
         }
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        if self.target_token is None:
-            missing = [p.sample_id for p in getattr(datamodule, "problems", []) if not has_gold(p)]
-            if missing:
-                raise DataError(f"{len(missing)} problem(s) have no gold answer or tests (e.g. {missing[0]}): "
-                                "the answer reward cannot score them; use a dataset with answers.")
-        if self.warm_start_steps > 0 and stage == "fit":
-            self.correct_answers = datamodule.correct_answers() if hasattr(datamodule, "correct_answers") else {}
-            if not self.correct_answers:
-                raise DataError("warm_start_steps > 0 needs the LLM's own correct answers: set data.records_dir "
-                                "to a datagen output with correct answers, or warm_start_steps: 0.")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = {**self.metadata, "architecture": self.trm.config()}
         checkpoint[GRPO_CHECKPOINT_KEY] = {"guard": self.guard.state_dict(),
@@ -357,7 +271,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         parts = {}
         for name in PARTS:
             part = copy.deepcopy(getattr(self, name)).cpu()
-            part.load_state_dict(_strip_prefix(state, f"{name}."))
+            part.load_state_dict(strip_prefix(state, f"{name}."))
             parts[name] = part
         meta = self.metadata
         parts["trm"].save_pretrained(directory, metadata=meta)
@@ -390,140 +304,111 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         manual_update(self, loss, self.hparams.gradient_clip_val)
         return True
 
-    # ---- tokens ------------------------------------------------------------------------
+    # ---- the latent path ---------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Any:
         return self.llm.tokenizer
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
+    @property
     def end_ids(self) -> set[int]:
-        model_eos = self.llm.model.generation_config.eos_token_id
-        ids = {self.tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
-        return {int(token) for token in ids if token is not None}
+        return end_of_turn_ids(self.tokenizer, self.llm.model)
 
-    def _pre_length(self, text: str, ids: list[int]) -> int:
-        """Prompt tokens up to and including the opening think tag (as datagen stores `hidden_pre`)."""
-        head = self._encode(text[: text.rfind(THINK_OPEN) + len(THINK_OPEN)]) if THINK_OPEN in text else ids
-        return len(head) if ids[: len(head)] == head else len(ids)
+    @property
+    def close_ids(self) -> list[int]:
+        return self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
 
-    def tokenize(self, problems: Sequence[Problem]) -> PromptBatch:
-        texts = [build_chat_prompt(self.tokenizer, problem, thinking=True) for problem in problems]
-        ids = [self._encode(text) for text in texts]
-        input_ids, mask = pad_token_ids(ids, self.tokenizer.pad_token_id, self.device)
-        return PromptBatch(list(problems), input_ids, mask, [len(i) for i in ids],
-                           [self._pre_length(t, i) for t, i in zip(texts, ids)])
+    def prompt(self, problems: Sequence[Problem]) -> Prompted:
+        """One prompt pass: the thinking prompts, their pre states and (when reused) their KV cache."""
+        batch = PromptBatch.of([encode_prompt(self.tokenizer, p) for p in problems], self.tokenizer.pad_token_id,
+                               self.device)
+        states, cache = prompt_pass(self.llm.model, batch.input_ids, batch.mask, self.layer,
+                                    use_cache=self.hparams.reuse_prompt_cache)
+        pre, pre_mask = pre_states(states, batch.mask, batch.pre_lengths)
+        return Prompted(batch, pre.float(), pre_mask, cache)
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.llm.model.get_input_embeddings()(ids)
+    def expand_cache(self, prompted: Prompted, repeats: int) -> None:
+        """Repeat the prompt's KV cache for the `repeats` rows of each problem (once per batch)."""
+        if prompted.cache is not None and repeats > 1:
+            prompted.cache.batch_repeat_interleave(repeats)
 
-    # ---- the latent path ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def pre_states(self, prompts: PromptBatch) -> tuple[Tensor, Tensor]:
-        """Each prompt's frozen-LLM states up to and including the opening tag, right-padded: [B, L, D], [B, L]."""
-        wants_layer = self.layer != -1
-        out = self.llm.model.base_model(input_ids=prompts.input_ids, attention_mask=prompts.mask,
-                                        position_ids=position_ids(prompts.mask), use_cache=False,
-                                        output_hidden_states=wants_layer)
-        states = out.hidden_states[self.layer] if wants_layer else out.last_hidden_state
-        width, longest = states.shape[1], max(prompts.pre_lengths)
-        pre = states.new_zeros(len(prompts.lengths), longest, states.shape[-1])
-        mask = torch.zeros(len(prompts.lengths), longest, dtype=torch.bool, device=states.device)
-        for row, (length, pre_length) in enumerate(zip(prompts.lengths, prompts.pre_lengths)):
-            begin = width - length
-            pre[row, :pre_length] = states[row, begin : begin + pre_length]
-            mask[row, :pre_length] = True
-        return pre.float(), mask
-
-    def predict_latent(self, pre: Tensor, pre_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """compress -> TRM: (prediction [B, D'], halt_logit [B], steps used [B])."""
-        return reason(self.trm, self.compressor.compress(pre), pre_mask, self.hparams.halting)
-
-    @torch.no_grad()
-    def reference_latent(self, pre: Tensor, pre_mask: Tensor) -> Tensor:
-        x = self.reference_compressor.compress(pre)
-        return reason(self.reference_trm, x, pre_mask, self.hparams.halting)[0]
-
-    def latent(self, pre: Tensor, pre_mask: Tensor, repeats: int, noise: Tensor | None = None) -> Latent:
+    def latent(self, prompted: Prompted, repeats: int, noise: Tensor | None = None) -> Latent:
         """The soft vectors [B x repeats, k, E]; with `noise` [B, repeats, D'] each copy gets its own latent."""
-        prediction, halt_logit, steps = self.predict_latent(pre, pre_mask)
-        extra = 0.0 * halt_logit.float().sum()
+        output = predict(self.compressor, self.trm, prompted.pre, prompted.pre_mask, halt=self.hparams.halting)
+        prediction = output.prediction
+        extra = 0.0 * output.halt_logit.float().sum()
         if noise is None:
-            soft = self.adapter(self.compressor.decompress(prediction))
-            return Latent(prediction, soft.repeat_interleave(repeats, dim=0), steps, extra=extra)
+            _, soft = soft_vectors(self.compressor, self.adapter, prediction)
+            return Latent(prediction, soft.repeat_interleave(repeats, dim=0), output.steps_used, extra=extra)
         # the sampled latent is an action: the TRM learns through its log-probability, not through the LLM
         sample = prediction.detach()[:, None, :] + noise
         logp = gaussian_log_prob(sample.float(), prediction.float()[:, None, :], self.hparams.latent_noise_std)
-        soft = self.adapter(self.compressor.decompress(sample.flatten(0, 1)))
-        return Latent(prediction, soft, steps, latent_logp=logp.flatten(), extra=extra)
+        _, soft = soft_vectors(self.compressor, self.adapter, sample.flatten(0, 1))
+        return Latent(prediction, soft, output.steps_used, latent_logp=logp.flatten(), extra=extra)
 
-    def llm_inputs(self, prompts: PromptBatch, soft: Tensor) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def reference_latent(self, prompted: Prompted) -> Tensor:
+        return predict(self.reference_compressor, self.reference_trm, prompted.pre, prompted.pre_mask,
+                       halt=self.hparams.halting).prediction
+
+    def llm_inputs(self, prompted: Prompted, soft: Tensor) -> tuple[Tensor, Tensor]:
         """[prompt embeddings, soft vectors, closing tag] for each of the N = B x repeats rows, and the mask."""
-        repeats = soft.shape[0] // prompts.input_ids.shape[0]
-        with torch.no_grad():
-            prompt = self.embed(prompts.input_ids).repeat_interleave(repeats, dim=0)
-            close = self.embed(torch.tensor(self._encode(THINK_CLOSE), device=self.device))
-        rows = prompt.shape[0]
-        embeds = torch.cat([prompt, soft.to(prompt.dtype), close.expand(rows, -1, -1)], dim=1)
-        mask = prompts.mask.repeat_interleave(repeats, dim=0)
-        return embeds, torch.cat([mask, mask.new_ones(rows, embeds.shape[1] - mask.shape[1])], dim=1)
+        return soft_inputs(self.llm.model, prompted.batch, soft, self.close_ids)
 
     # ---- sampling and scoring ----------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, embeds: Tensor, mask: Tensor, sample: bool) -> list[list[int]]:
+    def generate(self, prompted: Prompted, embeds: Tensor, mask: Tensor, decoding: Decoding) -> list[list[int]]:
         """Answer token ids per row, ending with the end-of-turn token when the LLM stopped."""
-        from transformers import GenerationConfig
+        out = generate(self.llm.model, self.tokenizer, inputs_embeds=embeds.detach(), attention_mask=mask,
+                       cache=prompted.cache, max_new_tokens=self.hparams.max_answer_tokens, decoding=decoding,
+                       end_ids=self.end_ids, keep_end=True)
+        if prompted.cache is not None:
+            rewind_cache(prompted.cache, prompted.width)  # back to the prompt, for the log-probability pass
+        return out.new_ids
 
-        end_ids = self.end_ids()
-        # every setting that would change the sampling distribution is pinned, so the
-        # log-probabilities of the objective are those of the policy that sampled
-        neutral = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
-        config = GenerationConfig(max_new_tokens=self.hparams.max_answer_tokens, do_sample=sample,
-                                  temperature=self.hparams.temperature if sample else None,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(end_ids),
-                                  **(neutral if sample else {}))
-        output = self.llm.model.generate(inputs_embeds=embeds.detach(), attention_mask=mask, generation_config=config)
-        return [cut_after_end(row, end_ids) for row in output.tolist()]
+    def score_all(self, problems: Sequence[Problem], answers: list[list[int]],
+                  group: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Rewards [B, G], correctness [B, G] (the first reward function's score) and stats: each reward
+        function's mean and how many answers the checker failed on (scored 0, counted apart)."""
+        completions = [Completion(problems[row // group], ids, self.tokenizer.decode(ids, skip_special_tokens=True))
+                       for row, ids in enumerate(answers)]
+        checker_errors = 0
+        scores: dict[str, Tensor] = {}
+        for name, (function, _) in self.rewards.items():
+            values = []
+            for completion in completions:
+                try:
+                    values.append(function(completion))
+                except CheckerError:
+                    values.append(0.0)
+                    checker_errors += 1
+            scores[name] = torch.tensor(values, dtype=torch.float32, device=self.device)
+        total = sum(weight * scores[name] for name, (_, weight) in self.rewards.items())
+        correct = scores[next(iter(self.rewards))]
+        stats = {f"reward_{name}": values.mean() for name, values in scores.items()}
+        stats["checker_errors"] = torch.tensor(float(checker_errors), device=self.device)
+        return total.view(-1, group), correct.view(-1, group), stats
 
-    def score(self, problem: Problem, answer_ids: list[int]) -> tuple[float, bool]:
-        """(reward, correct) of one answer."""
-        if self.target_token is not None:
-            correct = bool(answer_ids) and answer_ids[0] == self.target_token
-            return float(correct), correct
-        if not has_gold(problem):
-            raise DataError(f"problem {problem.sample_id} has no gold answer or tests: the answer reward cannot "
-                            "score it; use a dataset with answers.")
-        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
-        try:
-            correct = bool(check_answer(problem, text))
-        except Exception:  # noqa: BLE001 - a checker failure is a wrong answer, never a crash
-            correct = False
-        formatted = FORMAT_MARKERS.get(problem.kind, "") in text
-        return float(correct) + self.hparams.format_reward * float(formatted), correct
-
-    def score_all(self, problems: Sequence[Problem], answers: list[list[int]], group: int) -> tuple[Tensor, Tensor]:
-        """Rewards and correctness, [B, G] each."""
-        scored = [self.score(problems[row // group], ids) for row, ids in enumerate(answers)]
-        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32, device=self.device)
-        correct = torch.tensor([c for _, c in scored], dtype=torch.float32, device=self.device)
-        return rewards.view(-1, group), correct.view(-1, group)
-
-    def answer_log_probs(self, embeds: Tensor, mask: Tensor, answers: list[list[int]],
+    def answer_log_probs(self, prompted: Prompted, embeds: Tensor, mask: Tensor, answers: list[list[int]],
                          temperature: float) -> tuple[Tensor, Tensor]:
-        """Teacher-forced log-probabilities [N, T] of the answer tokens after `embeds`, and their mask."""
+        """Teacher-forced log-probabilities [N, T] of the answer tokens after `embeds`, and their mask.
+
+        With the prompt's KV cache only the soft vectors, the closing tag and the answer are run.
+        """
         ids, answer_mask = pad_token_ids(answers, self.tokenizer.pad_token_id, self.device, side="right")
         with torch.no_grad():
-            answer_embeds = self.embed(ids)
+            answer_embeds = self.llm.model.get_input_embeddings()(ids)
         full = torch.cat([embeds, answer_embeds.to(embeds.dtype)], dim=1)
         full_mask = torch.cat([mask, answer_mask], dim=1)
         width = ids.shape[1]
+        cached = prompted.width if prompted.cache is not None else 0
         # the logits at the last closing-tag token and at each answer token but the last
-        out = self.llm.model(inputs_embeds=full, attention_mask=full_mask, position_ids=position_ids(full_mask),
-                             use_cache=False, logits_to_keep=width + 1)
+        out = self.llm.model(inputs_embeds=full[:, cached:], attention_mask=full_mask,
+                             position_ids=position_ids(full_mask)[:, cached:], cache=prompted.cache,
+                             use_cache=prompted.cache is not None, logits_to_keep=width + 1)
+        if prompted.cache is not None:
+            rewind_cache(prompted.cache, prompted.width)  # drop this pass's keys (and their graph) again
         logits = out.logits[:, :-1].float() / temperature
         logp = -F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
         return logp, answer_mask
@@ -538,28 +423,27 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         noise = torch.randn(batch, group, self.compressor.d_compressed, generator=generator) * std
         return noise.to(self.device)
 
-    def _sample(self, prompts: PromptBatch, pre: Tensor, pre_mask: Tensor,
-                noise: Tensor | None) -> list[list[int]] | None:
+    def _sample(self, prompted: Prompted, noise: Tensor | None) -> list[list[int]] | None:
         """G answers per problem from the current latent, sampled with a per-step seed; None when the
         soft vectors are not finite (the step is skipped and counted: sampling from NaN would crash)."""
         group = self.hparams.group_size
         with torch.no_grad():
-            latent = self.latent(pre, pre_mask, group, noise)
-            embeds, mask = self.llm_inputs(prompts, latent.soft)
+            latent = self.latent(prompted, group, noise)
+            embeds, mask = self.llm_inputs(prompted, latent.soft)
         if self._trainer is not None and self.guard.should_skip(self, latent.soft.float().abs().amax()):
             return None
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank, 0))
-            return self.generate(embeds, mask, sample=True)
+            return self.generate(prompted, embeds, mask, self.sampling)
 
-    def grpo_loss(self, prompts: PromptBatch, pre: Tensor, pre_mask: Tensor, answers: list[list[int]],
-                  advantages: Tensor, noise: Tensor | None, old: dict[str, Tensor] | None) -> tuple[Tensor, dict]:
+    def grpo_loss(self, prompted: Prompted, answers: list[list[int]], advantages: Tensor, noise: Tensor | None,
+                  old: dict[str, Tensor] | None) -> tuple[Tensor, dict]:
         """The clipped policy loss (+ latent term, + KL) with gradient; `old` holds the sampling policy's log-probs."""
         hp = self.hparams
-        latent = self.latent(pre, pre_mask, hp.group_size, noise)
-        embeds, mask = self.llm_inputs(prompts, latent.soft)
-        logp, answer_mask = self.answer_log_probs(embeds, mask, answers, hp.temperature)
+        latent = self.latent(prompted, hp.group_size, noise)
+        embeds, mask = self.llm_inputs(prompted, latent.soft)
+        logp, answer_mask = self.answer_log_probs(prompted, embeds, mask, answers, hp.temperature)
         old_logp = logp.detach() if old is None else old["tokens"]
         flat_adv = advantages.flatten()
         loss, clip_fraction = clipped_policy_loss(logp, old_logp, flat_adv, answer_mask, hp.clip_eps)
@@ -571,76 +455,75 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
                                                  torch.ones_like(old_latent[:, None]), hp.clip_eps)
             loss = loss + latent_loss
             current["latent"] = latent.latent_logp.detach()
-        kl = gaussian_kl(latent.prediction.float(), self.reference_latent(pre, pre_mask).float(),
-                         hp.latent_noise_std or 1.0).mean()
-        if hp.kl_coef > 0:
+        if hp.kl_coef > 0:  # the frozen reference runs only when it is used
+            kl = gaussian_kl(latent.prediction.float(), self.reference_latent(prompted).float(),
+                             hp.latent_noise_std or 1.0).mean()
             loss = loss + hp.kl_coef * kl
-        stats.update(kl=kl.detach(), trm_steps=latent.steps_used.float().mean())
+            stats["kl"] = kl.detach()
+        stats["trm_steps"] = latent.steps_used.float().mean()
         return loss + latent.extra, {"stats": stats, "old": current}
 
     def grpo_step(self, problems: list[Problem]) -> dict[str, Tensor]:
         hp = self.hparams
-        prompts = self.tokenize(problems)
-        pre, pre_mask = self.pre_states(prompts)
+        prompted = self.prompt(problems)
+        self.expand_cache(prompted, hp.group_size)
         noise = self._exploration_noise(len(problems), hp.group_size)
-        answers = self._sample(prompts, pre, pre_mask, noise)
+        answers = self._sample(prompted, noise)
         if answers is None:
             return {}
-        rewards, correct = self.score_all(problems, answers, hp.group_size)
+        rewards, correct, reward_parts = self.score_all(problems, answers, hp.group_size)
         advantages = group_advantages(rewards)
         old, stats, loss = None, {}, None
         for _ in range(hp.updates_per_batch):
-            loss, out = self.grpo_loss(prompts, pre, pre_mask, answers, advantages, noise, old)
+            loss, out = self.grpo_loss(prompted, answers, advantages, noise, old)
             old = old or out["old"]
             stats = out["stats"]
             self.optimize(loss)
         lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32, device=self.device)
+        stats.update(reward_parts)
         stats.update(loss=loss.detach(), reward_mean=rewards.mean(), reward_std=rewards.std(unbiased=False),
                      reward_group_std=rewards.std(dim=1, unbiased=False).mean(), accuracy=correct.mean(),
                      equal_reward_share=equal_reward_share(rewards), answer_length=lengths.mean())
         return stats
 
-    def warm_start_step(self, problems: list[Problem]) -> dict[str, Tensor]:
+    def warm_start_step(self, batch: ProblemBatch) -> dict[str, Tensor]:
         """Teacher forcing: maximise the likelihood of the LLM's own correct answers given the soft vectors."""
-        known = [p for p in problems if p.sample_id in self.correct_answers]
-        chosen = known or problems[:1]  # no known answer on this rank: a zero-weight step keeps DDP in step
-        prompts = self.tokenize(chosen)
-        pre, pre_mask = self.pre_states(prompts)
-        latent = self.latent(pre, pre_mask, 1)
-        embeds, mask = self.llm_inputs(prompts, latent.soft)
+        known = [(p, answer) for p, answer in zip(batch.problems, batch.reference_answers) if answer]
+        # no known answer on this rank: a zero-weight step keeps DDP in step
+        chosen = known or [(batch.problems[0], "")]
+        prompted = self.prompt([p for p, _ in chosen])
+        latent = self.latent(prompted, 1)
+        embeds, mask = self.llm_inputs(prompted, latent.soft)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        targets = [(self._encode(self.correct_answers.get(p.sample_id, "")) + eos)[: self.hparams.max_answer_tokens]
-                   for p in chosen]
-        logp, answer_mask = self.answer_log_probs(embeds, mask, targets, 1.0)
+        targets = [(self.tokenizer.encode(answer, add_special_tokens=False) + eos)[: self.hparams.max_answer_tokens]
+                   for _, answer in chosen]
+        logp, answer_mask = self.answer_log_probs(prompted, embeds, mask, targets, 1.0)
         nll = -(logp * answer_mask).sum(1) / answer_mask.sum(1).clamp_min(1)
         loss = nll.mean() * (1.0 if known else 0.0) + latent.extra
         self.optimize(loss)
         return {"loss": loss.detach(), "warm_start_nll": nll.mean().detach(),
                 "answer_length": answer_mask.sum(1).float().mean()}
 
-    def training_step(self, batch: list[Problem], batch_idx: int) -> dict[str, Tensor] | None:
+    def training_step(self, batch: ProblemBatch, batch_idx: int) -> dict[str, Tensor] | None:
         step = self.global_step  # the step the batch was drawn at (optimizing advances it)
-        in_warm_start = step < self.warm_start_steps
-        stats = self.warm_start_step(batch) if in_warm_start else self.grpo_step(batch)
+        in_warm_start = step < self.hparams.warm_start_steps
+        stats = self.warm_start_step(batch) if in_warm_start else self.grpo_step(batch.problems)
         if not stats:  # skipped: non-finite soft vectors
             self.log("train/nonfinite_steps", float(self.guard.skipped_total), on_step=True, on_epoch=False)
             return None
-        self._log_training(stats, len(batch), in_warm_start, step)
+        self._log_training(stats, batch, in_warm_start)
         return {"loss": stats["loss"]}
 
-    def _log_training(self, stats: dict[str, Tensor], batch_size: int, in_warm_start: bool, step: int) -> None:
+    def _log_training(self, stats: dict[str, Tensor], batch: ProblemBatch, in_warm_start: bool) -> None:
         names = sorted(stats)
         values = torch.stack([stats[name].detach().float().reshape(()) for name in names])
         if self.trainer.world_size > 1:  # one all-reduce for every scalar
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
         logged = dict(zip(names, values.tolist()))
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "curriculum_state"):
-            curriculum = datamodule.curriculum_state(step)
-            logged.update({f"curriculum_{name}": value for name, value in curriculum.items()})
+        logged.update({f"curriculum_{name}": value for name, value in batch.curriculum.items()})
         logged.update(nonfinite_steps=float(self.guard.skipped_total), warm_start=float(in_warm_start))
         for name, value in logged.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size,
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=len(batch.problems),
                      prog_bar=name in ("reward_mean", "accuracy"))
         if not in_warm_start:
             self._watch_equal_rewards(logged["equal_reward_share"])
@@ -658,15 +541,14 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
     @torch.no_grad()
     def answer_greedily(self, problems: list[Problem]) -> list[list[int]]:
         """`trm` mode: the latent path with greedy decoding (no noise)."""
-        prompts = self.tokenize(problems)
-        pre, pre_mask = self.pre_states(prompts)
-        embeds, mask = self.llm_inputs(prompts, self.latent(pre, pre_mask, 1).soft)
-        return self.generate(embeds, mask, sample=False)
+        prompted = self.prompt(problems)
+        embeds, mask = self.llm_inputs(prompted, self.latent(prompted, 1).soft)
+        return self.generate(prompted, embeds, mask, GREEDY)
 
-    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
-        answers = self.answer_greedily(batch)
-        rewards, correct = self.score_all(batch, answers, 1)
+    def validation_step(self, batch: ProblemBatch, batch_idx: int) -> None:
+        answers = self.answer_greedily(batch.problems)
+        rewards, correct, _ = self.score_all(batch.problems, answers, 1)
         lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32, device=self.device)
         for name, value in (("accuracy", correct.mean()), ("reward", rewards.mean()), ("answer_length", lengths.mean())):
-            self.log(f"val/{name}", value, on_epoch=True, batch_size=len(batch), sync_dist=True,
+            self.log(f"val/{name}", value, on_epoch=True, batch_size=len(batch.problems), sync_dist=True,
                      prog_bar=name == "accuracy")

@@ -3,9 +3,9 @@
 For each batch the frozen compressor maps the prompt states [B, L, D] and the state at
 the closing think tag [B, D] to D'. The TRM then runs up to N_sup supervision steps;
 each is one deep recursion, a loss (MSE to the target + halt_loss_weight x halt loss)
-and, by default, its own optimizer step, scheduler step and EMA update, after which
-the carried state y, z is detached. Samples whose halt probability passes 0.5 leave
-the batch; the loop ends when none is left.
+and, by default, its own optimizer step and EMA update, after which the carried state
+y, z is detached. Samples whose halt probability passes 0.5 leave the batch; the loop
+ends when none is left.
 
 Choices worth knowing:
 
@@ -23,14 +23,24 @@ Choices worth knowing:
   0.95 x the epoch's mean final-step training cosine, summed over ranks. The running
   sums are checkpointed with the epoch they belong to, so a resume that skips the
   epoch-end hook applies the update at its first batch: resuming gives the same losses.
+- The learning-rate schedule follows batch progress: each batch spans N_sup schedule
+  steps (one per supervision step, as without halting); the scheduler steps with each
+  update and then jumps to the batch's end, so early halting (fewer updates) does not
+  stretch the schedule past the end of training.
 - Baselines (training mean, ridge on the mean-pooled prompt, last prompt token) are
-  fitted on the training split and scored on the held-out split once, at fit start,
-  by every rank over the full splits (identical on all ranks, no communication); they
-  predict in D' and go through the same decompression as the TRM.
+  fitted on the training split and scored on the validation and test splits once, at
+  fit (or test) start, by every rank (identical on all ranks, no communication), from
+  the datamodule's `summaries(split)`: per-sample pooled / last prompt states and
+  targets, which the frozen linear compressor maps to D'. The TRM's normalisation
+  statistics come from the same summaries. They predict in D' and go through the same
+  decompression as the TRM.
+- Model selection uses the validation split; the test split (`test_step`) is only
+  reported. `score_export` re-validates exported weights on both (metrics.json).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,28 +48,34 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, Metric
 
-from llm_trm.data.shards import collate_hidden_pairs
-from llm_trm.errors import ConfigMismatchError
+from llm_trm.errors import ConfigMismatchError, DataError
 from llm_trm.eval.figures import cosine_per_step, halting_histograms, log_figure
 from llm_trm.eval.metrics import VectorQuality
 from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor
 from llm_trm.models.baselines import MeanBaseline, RidgeBaseline
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMState
-from llm_trm.modules.common import (FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length,
-                                    warmup_cosine)
+from llm_trm.modules.common import (FrozenBackboneMixin, NonFiniteGuard, advance_schedule, manual_update,
+                                    schedule_length, warmup_cosine)
+from llm_trm.modules.export import sample_ids_fingerprint
 
 HALT_DECISION = 0.5  # a sample halts once sigmoid(halt_logit) exceeds this
 ADAPTIVE_THRESHOLD_FACTOR = 0.95  # the seed's curriculum: threshold = 0.95 x epoch mean cosine
 BASELINES = ("mean", "ridge", "last_token")
 HALTING_CHECKPOINT_KEY = "trm_halting"
 TRAIN_EPOCH_MEANS = ("loss", "halt_prob", "steps_used", "halt_accuracy")
+HELD_OUT_MEANS = ("halt_prob", "steps_used", "halt_accuracy")
+HELD_OUT_PROG_BAR = ("loss", "cosine", "centred_cosine")
+# split -> its role: the validation split selects the weights, the test split is only reported
+HELD_OUT_SPLITS = {"val": "selection", "test": "report"}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -120,6 +136,118 @@ def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tenso
     return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
+def _upgrade_metric_keys(state_dict: dict[str, Tensor]) -> None:
+    """Checkpoints written before the test split kept the validation reference means under
+    `val_quality*`: rename them, and give the test metrics the same (training) reference means."""
+    for old, new in (("val_quality_full.", "val_metrics.quality_full."), ("val_quality.", "val_metrics.quality.")):
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[new + key[len(old):]] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith("val_metrics.")]:
+        state_dict.setdefault("test_metrics." + key[len("val_metrics."):], state_dict[key])
+
+
+@dataclass
+class ScoredBatch:
+    """One held-out batch run through every supervision step with one set of TRM weights."""
+
+    step_predictions: Tensor  # [S, B, D'] the prediction after each step
+    halt_probs: Tensor  # [S, B]
+    stop: Tensor  # [B] index of the step each sample stops at
+    halt_correct: Tensor  # [S, B] whether the halt decision agreed with cosine > threshold
+    target: Tensor  # [B, D']
+    decompressed: Tensor  # [B, D] the stopping prediction in full space
+    post: Tensor  # [B, D] the real state
+    first_token_agreement: Tensor | None = None  # [B]
+
+    @property
+    def ran(self) -> Tensor:
+        """[S, B] the steps each sample ran (up to and including its stopping step)."""
+        steps = torch.arange(len(self.step_predictions), device=self.stop.device)[:, None]
+        return steps <= self.stop[None]
+
+    @property
+    def prediction(self) -> Tensor:
+        return self.step_predictions[self.stop, torch.arange(len(self.stop), device=self.stop.device)]
+
+    @property
+    def halt_prob(self) -> Tensor:
+        return self.halt_probs[self.stop, torch.arange(len(self.stop), device=self.stop.device)]
+
+
+class HeldOutMetrics(nn.Module):
+    """The metrics of one held-out split (validation or test), accumulated over its batches.
+
+    Names (`compute()` keys): the VectorQuality metrics in D' (`cosine`, ...) and in D
+    (`full_cosine`, ...), `loss` (the MSE in D', which model selection monitors),
+    `cosine_step{k}` for every supervision step, `halt_prob`, `steps_used`, `halt_accuracy`
+    and, with a first-token backbone, `first_token_agreement`.
+    """
+
+    def __init__(self, d_compressed: int, d_model: int, n_supervision_steps: int, first_token: bool = False,
+                 sync_on_compute: bool = True) -> None:
+        super().__init__()
+        sync = {"sync_on_compute": sync_on_compute}
+        # reference means are filled at fit start (the training means) and saved with the weights
+        self.quality = VectorQuality(d_compressed, torch.zeros(d_compressed), **sync)
+        self.quality_full = VectorQuality(d_model, torch.zeros(d_model), **sync)
+        self.step_cosine = nn.ModuleList(MeanMetric(**sync) for _ in range(n_supervision_steps))
+        names = HELD_OUT_MEANS + (("first_token_agreement",) if first_token else ())
+        self.means = nn.ModuleDict({name: MeanMetric(**sync) for name in names})
+        # per-sample values for the halting histograms (a few floats per held-out sample)
+        self.steps_used_values, self.halt_prob_values = CatMetric(**sync), CatMetric(**sync)
+
+    def set_reference_means(self, target_mean: Tensor, post_mean: Tensor) -> None:
+        self.quality.reference_mean.copy_(target_mean)
+        self.quality_full.reference_mean.copy_(post_mean)
+
+    def update(self, scored: ScoredBatch) -> None:
+        step_cosines = F.cosine_similarity(scored.step_predictions, scored.target[None], dim=-1)  # [S, B]
+        for metric, cosine in zip(self.step_cosine, step_cosines):
+            metric.update(cosine)
+        ran = scored.ran
+        self.means["halt_accuracy"].update(scored.halt_correct[ran].float())
+        self.means["halt_prob"].update(scored.halt_prob)
+        self.means["steps_used"].update((scored.stop + 1).float())
+        if scored.first_token_agreement is not None and "first_token_agreement" in self.means:
+            self.means["first_token_agreement"].update(scored.first_token_agreement)
+        self.steps_used_values.update((scored.stop + 1).float())
+        self.halt_prob_values.update(scored.halt_probs[ran])
+        self.quality.update(scored.prediction, scored.target)
+        self.quality_full.update(scored.decompressed, scored.post.float())
+
+    def compute(self) -> dict[str, Tensor]:
+        values = dict(self.quality.compute())
+        values["loss"] = values["mse"]
+        values.update({f"full_{name}": value for name, value in self.quality_full.compute().items()})
+        values.update({f"cosine_step{step}": metric.compute() for step, metric in enumerate(self.step_cosine, 1)})
+        values.update({name: metric.compute() for name, metric in self.means.items()})
+        return values
+
+    def histogram_values(self) -> tuple[Tensor, Tensor]:
+        """Steps used per sample and the halt probabilities of every step run."""
+        return self.steps_used_values.compute(), self.halt_prob_values.compute()
+
+    def reset(self) -> None:
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
+
+@dataclass
+class CompressedSummaries:
+    """A split's PairSummaries (see the DataModule) mapped into D' by the frozen linear compressor."""
+
+    pooled: Tensor  # [N, D'] compress(mean of pre) == mean of compress(pre)
+    last: Tensor  # [N, D'] the last prompt token
+    target: Tensor  # [N, D'] compress(post)
+    post: Tensor  # [N, D] fp32
+    token_mean: Tensor  # [D'] fp64, compress(mean over every prompt token)
+    token_scale: Tensor  # scalar fp64, RMS spread of the sampled prompt tokens around token_mean
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
 # ---------------------------------------------------------------------------- module
 
 
@@ -131,7 +259,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             (seed `--compressor_checkpoint`). Frozen.
         learning_rate: peak AdamW learning rate (seed `--learning_rate`).
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warmup before cosine decay, in optimizer steps.
+        warmup_steps: linear warmup before cosine decay, in schedule steps (optimizer steps without
+            halting; each batch spans N_sup of them with per-step updates, whatever its samples' halting).
         n_layers, n_heads, mlp_ratio, dropout, use_positions, max_positions: the TRM's network.
         n_latent_steps: n, latent updates per recursion (seed `--n_latent_steps`).
         n_deep_recursions: T, recursions per supervision step (seed `--n_deep_recursions`).
@@ -201,7 +330,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         self.backbone = first_token_backbone or ""
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
         self.attn_implementation = attn_implementation
-        self.baseline_results: dict[str, float] = {}
+        self.baseline_results: dict[str, dict[str, float]] = {}  # split -> baseline metrics
+        self._warned_no_summaries = False
         self._make_metrics()
 
     # ---- construction ------------------------------------------------------------------
@@ -218,15 +348,16 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     def _make_metrics(self) -> None:
         d_compressed, d_model = self.compressor.d_compressed, self.compressor.d_model
         # reference means are filled at fit start (training mean) and saved with the weights
-        for split in ("train", "val"):
-            setattr(self, f"{split}_quality", VectorQuality(d_compressed, torch.zeros(d_compressed)))
-            setattr(self, f"{split}_quality_full", VectorQuality(d_model, torch.zeros(d_model)))
+        self.train_quality = VectorQuality(d_compressed, torch.zeros(d_compressed))
+        self.train_quality_full = VectorQuality(d_model, torch.zeros(d_model))
         self.train_epoch_means = nn.ModuleDict({name: MeanMetric() for name in TRAIN_EPOCH_MEANS})
-        self.val_step_cosine = nn.ModuleList(MeanMetric() for _ in range(self.hparams.n_supervision_steps))
-        self.val_halt_prob, self.val_steps_used = MeanMetric(), MeanMetric()
-        self.val_halt_accuracy, self.val_first_token_agreement = MeanMetric(), MeanMetric()
-        # per-sample values for the halting histograms (a few floats per held-out sample)
-        self.val_steps_used_values, self.val_halt_prob_values = CatMetric(), CatMetric()
+        self.val_metrics = self.held_out_metrics()
+        self.test_metrics = self.held_out_metrics()
+
+    def held_out_metrics(self, sync_on_compute: bool = True) -> HeldOutMetrics:
+        """A fresh set of held-out metrics (synced across DDP ranks unless told otherwise)."""
+        return HeldOutMetrics(self.compressor.d_compressed, self.compressor.d_model, self.hparams.n_supervision_steps,
+                              first_token=bool(self.hparams.first_token_backbone), sync_on_compute=sync_on_compute)
 
     @property
     def eval_model(self) -> SequenceTRM:
@@ -267,7 +398,14 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             "epoch_of_sums": self.epoch_of_sums,
         }
 
+    def selection_context(self) -> dict[str, Any]:
+        """What the validation loss depends on besides the samples (ExportBestModel compares exports
+        only when it matches): the compressor defines the space the loss is measured in."""
+        weight = self.compressor.weight.detach().float().cpu().contiguous()
+        return {"compressor_sha256": hashlib.sha256(weight.numpy().tobytes()).hexdigest()}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _upgrade_metric_keys(checkpoint.get("state_dict", {}))
         found = checkpoint.get(METADATA_KEY, {})
         expected = {"d_model": self.compressor.d_model, "d_compressed": self.compressor.d_compressed}
         check_compatible("the checkpoint", found, expected)
@@ -288,21 +426,30 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         return trm.save_pretrained(directory, metadata=self.metadata)
 
     # ---- optimization ------------------------------------------------------------------
-    def total_optimizer_steps(self) -> int:
-        """Optimizer steps the schedule spans: batches x N_sup with per-step updates (an upper
-        bound when samples halt early), capped by trainer.max_steps (already in optimizer steps)."""
-        per_batch = self.hparams.n_supervision_steps if self.hparams.per_step_updates else 1
-        return schedule_length(self.trainer, per_batch)
+    @property
+    def schedule_steps_per_batch(self) -> int:
+        """Schedule steps one batch spans: N_sup with per-step updates (one per supervision step), else 1."""
+        return self.hparams.n_supervision_steps if self.hparams.per_step_updates else 1
+
+    def total_schedule_steps(self) -> int:
+        """Length of the LR schedule: batches x steps per batch, capped by trainer.max_steps.
+
+        Without halting this is the number of optimizer steps. With halting a batch takes
+        fewer updates, and the schedule still advances by a whole batch (`advance_schedule`),
+        so it ends with the last batch. (max_steps counts optimizer steps, so with halting
+        the schedule may end before max_steps is reached, never after.)
+        """
+        return schedule_length(self.trainer, self.schedule_steps_per_batch)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trm.parameters(), lr=self.hparams.learning_rate,
                                       weight_decay=self.hparams.weight_decay)
-        total = self.total_optimizer_steps()
+        total = self.total_schedule_steps()
         scheduler = warmup_cosine(optimizer, min(self.hparams.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimize(self, loss: Tensor) -> None:
-        """One update: backward, clip, optimizer and scheduler step, EMA update."""
+        """One update: backward, clip, optimizer step, one scheduler step, EMA update."""
         manual_update(self, loss, self.hparams.gradient_clip_val)
         if self.ema is not None:
             self.ema.update_parameters(self.trm)
@@ -329,14 +476,15 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             return F.binary_cross_entropy_with_logits(halt_logit, target, reduction="none")
         return (torch.sigmoid(halt_logit) - cosine.clamp(0, 1)).pow(2)
 
-    def halting_cosine(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """The quality the halt head learns to predict: cosine around the training mean of the targets.
+    def halting_cosine(self, prediction: Tensor, target: Tensor, model: SequenceTRM | None = None) -> Tensor:
+        """The quality the halt head learns to predict: cosine around the training mean of the targets
+        (the one `model`, by default the trained TRM, was normalised with).
 
         The seed used the raw cosine, but every target shares one dominant direction (raw cosine
         ~0.95 for the mean vector alone), so the halt head learned to stop at once whatever the
         prediction. Centred, a prediction is only "good" when it beats the mean.
         """
-        centre = self.trm.target_mean.to(prediction.dtype)
+        centre = (self.trm if model is None else model).target_mean.to(prediction.dtype)
         return F.cosine_similarity(prediction.detach() - centre, target - centre, dim=-1)
 
     def step_terms(self, prediction: Tensor, halt_logit: Tensor, target: Tensor) -> StepTerms:
@@ -410,12 +558,16 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         self.settle_halt_threshold()
+        scheduler = self.lr_schedulers()
+        batch_start = scheduler.last_epoch
         x, mask, target = self.compress_batch(batch)
         # NaN/inf anywhere in the batch makes its largest magnitude non-finite
         if self.guard.should_skip(self, torch.stack([x.abs().amax(), target.abs().amax()])):
             record = None
         else:
             record = self.supervise(x, mask, target)
+        # the schedule follows batch progress: halted samples (or a skipped batch) took fewer updates
+        advance_schedule(scheduler, batch_start + self.schedule_steps_per_batch)
         self.log("train/nonfinite_steps", float(self.guard.skipped_total), on_step=True, on_epoch=False)
         if record is None:
             return None
@@ -479,12 +631,11 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         self.epoch_cosine_sum, self.epoch_cosine_count = 0.0, 0
         self.epoch_of_sums = self.current_epoch + 1 if epoch_finished else self.current_epoch
 
-    # ---- validation --------------------------------------------------------------------
+    # ---- held-out splits: validation (selection) and test (report) ---------------------
     @torch.no_grad()
-    def unroll(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Every supervision step for every sample with the eval weights:
-        predictions [S, B, D'] and halt probabilities [S, B]."""
-        model = self.eval_model
+    def unroll(self, model: SequenceTRM, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Every supervision step for every sample with `model`: predictions [S, B, D'] and halt
+        probabilities [S, B]."""
         state = model.initial_state(x, mask)
         predictions, halt_probs = [], []
         for _ in range(model.n_supervision_steps):
@@ -501,29 +652,27 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         halts = halt_probs > HALT_DECISION
         return torch.where(halts.any(0), halts.int().argmax(0), last)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    @torch.no_grad()
+    def score_batch(self, model: SequenceTRM, batch: dict[str, Any]) -> ScoredBatch:
+        """Run `model` over a held-out batch; what every held-out metric is computed from."""
         x, mask, target = self.compress_batch(batch)
-        step_predictions, halt_probs = self.unroll(x, mask)
+        step_predictions, halt_probs = self.unroll(model, x, mask)
         stop = self.stopping_step(halt_probs)
-        samples = torch.arange(len(target), device=target.device)
-        prediction, halt_prob = step_predictions[stop, samples], halt_probs[stop, samples]
-        step_cosines = F.cosine_similarity(step_predictions, target[None], dim=-1)  # [S, B]
-        for metric, cosine in zip(self.val_step_cosine, step_cosines):
-            metric.update(cosine)
-        ran = torch.arange(len(step_cosines), device=stop.device)[:, None] <= stop[None]  # steps each sample ran
-        halting_cosines = torch.stack([self.halting_cosine(p, target) for p in step_predictions])
-        correct = (halt_probs > HALT_DECISION) == (halting_cosines > self.halt_threshold)
-        self.val_halt_accuracy.update(correct[ran].float())
-        self.val_halt_prob.update(halt_prob)
-        self.val_steps_used.update((stop + 1).float())
-        self.val_steps_used_values.update((stop + 1).float())
-        self.val_halt_prob_values.update(halt_probs[ran])
-        decompressed = self.decompress(prediction)
-        self.val_quality.update(prediction, target)
-        self.val_quality_full.update(decompressed, batch["post"].float())
-        if self.hparams.first_token_backbone:
-            self.val_first_token_agreement.update(self.first_token_agreement(decompressed, batch["post"]))
-        self.log("val/loss", F.mse_loss(prediction, target), prog_bar=True, batch_size=len(target), sync_dist=True)
+        halting_cosines = torch.stack([self.halting_cosine(p, target, model) for p in step_predictions])
+        decompressed = self.decompress(step_predictions[stop, torch.arange(len(stop), device=stop.device)])
+        agreement = (self.first_token_agreement(decompressed, batch["post"])
+                     if self.hparams.first_token_backbone else None)
+        return ScoredBatch(
+            step_predictions=step_predictions, halt_probs=halt_probs, stop=stop,
+            halt_correct=(halt_probs > HALT_DECISION) == (halting_cosines > self.halt_threshold),
+            target=target, decompressed=decompressed, post=batch["post"], first_token_agreement=agreement,
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.val_metrics.update(self.score_batch(self.eval_model, batch))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.test_metrics.update(self.score_batch(self.eval_model, batch))
 
     def first_token_agreement(self, predicted: Tensor, real: Tensor) -> Tensor:
         """[B] 1 where lm_head gives the same greedy first answer token on both states."""
@@ -537,34 +686,33 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         return (head(predicted.to(dtype)).argmax(-1) == head(real.to(dtype)).argmax(-1)).float()
 
     def on_validation_epoch_end(self) -> None:
-        quality = self.val_quality.compute()
-        self._log_quality("val/", quality, prog_bar=("cosine", "centred_cosine"))
-        self._log_quality("val/full_", self.val_quality_full.compute())
-        self.val_quality.reset()
-        self.val_quality_full.reset()
-        scalars = {f"val/cosine_step{step}": metric for step, metric in enumerate(self.val_step_cosine, start=1)}
-        names = ("halt_prob", "steps_used", "halt_accuracy")
-        names += ("first_token_agreement",) if self.hparams.first_token_backbone else ()
-        scalars.update({f"val/{name}": getattr(self, f"val_{name}") for name in names})
-        computed = {}
-        for tag, metric in scalars.items():
-            computed[tag] = metric.compute()
-            self._log_synced(tag, computed[tag])
-            metric.reset()
+        values = self._log_held_out("val/", self.val_metrics)
         self._log_synced("val/halt_threshold", self.halt_threshold)
-        for name, value in self.baseline_results.items():
+        for name, value in self.baseline_results.get("val", {}).items():
             self._log_synced(f"baseline/{name}", value)
         # shown beside the hyperparameters in TensorBoard's HPARAMS tab: the headline R^2
-        self._log_synced("hp_metric", quality["explained_variance"])
-        self._log_figures([computed[f"val/cosine_step{step}"] for step in range(1, len(self.val_step_cosine) + 1)])
+        self._log_synced("hp_metric", values["explained_variance"])
+        self._log_figures([values[f"cosine_step{step}"] for step in range(1, self.hparams.n_supervision_steps + 1)])
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_held_out("test/", self.test_metrics)
+        self._log_synced("test/halt_threshold", self.halt_threshold)
+        for name, value in self.baseline_results.get("test", {}).items():
+            self._log_synced(f"test/baseline/{name}", value)
+        self.test_metrics.reset()
+
+    def _log_held_out(self, prefix: str, metrics: HeldOutMetrics) -> dict[str, Tensor]:
+        values = metrics.compute()
+        for name, value in values.items():
+            self._log_synced(f"{prefix}{name}", value, prog_bar=prefix == "val/" and name in HELD_OUT_PROG_BAR)
+        return values
 
     def _log_figures(self, step_cosines: list[Tensor]) -> None:
         """Cosine per supervision step against the baselines, and the halting histograms."""
-        steps_used, halt_probs = self.val_steps_used_values.compute(), self.val_halt_prob_values.compute()
-        self.val_steps_used_values.reset()
-        self.val_halt_prob_values.reset()
-        baselines = {name: self.baseline_results[f"{name}_cosine"] for name in BASELINES
-                     if f"{name}_cosine" in self.baseline_results}
+        steps_used, halt_probs = self.val_metrics.histogram_values()
+        baselines = {name: self.baseline_results["val"][f"{name}_cosine"] for name in BASELINES
+                     if f"{name}_cosine" in self.baseline_results.get("val", {})}
         log_figure(self.trainer, "val/cosine_per_step", lambda: cosine_per_step(step_cosines, baselines))
         log_figure(self.trainer, "val/halting", lambda: halting_histograms(
             steps_used, halt_probs, self.hparams.n_supervision_steps, halt_decision=HALT_DECISION))
@@ -578,90 +726,137 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         # keeps Lightning's epoch-level bookkeeping identical across ranks too
         self.log(tag, value, prog_bar=prog_bar, sync_dist=True)
 
-    # ---- baselines ---------------------------------------------------------------------
+    # ---- re-validating exported weights ------------------------------------------------
+    @torch.no_grad()
+    def score_export(self, folder: str | Path) -> dict[str, Any]:
+        """Held-out metrics of exactly the weights in an export folder, for its metrics.json.
+
+        Runs those weights (loaded back from the folder) over the datamodule's validation and
+        test loaders, on this process alone (ExportBestModel calls it on rank 0), with the
+        baselines on the same splits. Validation selected the weights; test is only reported.
+        """
+        model = SequenceTRM.from_pretrained(folder).to(self.device).eval()
+        datamodule = self.trainer.datamodule
+        splits: dict[str, Any] = {}
+        for split, role in HELD_OUT_SPLITS.items():
+            loader = _held_out_loader(datamodule, split)
+            if loader is None:
+                continue
+            metrics = self.held_out_metrics(sync_on_compute=False).to(self.device)
+            metrics.set_reference_means(self.train_quality.reference_mean, self.train_quality_full.reference_mean)
+            with self.trainer.precision_plugin.forward_context():  # the numerics validation ran with
+                for batch in loader:
+                    metrics.update(self.score_batch(model, self.trainer.strategy.batch_to_device(batch)))
+            ids = getattr(datamodule, f"{split}_sample_ids", None)
+            splits[split] = {
+                "role": role,
+                "num_samples": int(metrics.quality.rows),
+                "sample_ids_sha256": sample_ids_fingerprint(ids),
+                "model": {name: float(value) for name, value in metrics.compute().items()},
+                "baselines": dict(self.baseline_results.get(split, {})),
+            }
+        return {"halt_threshold": self.halt_threshold, "splits": splits}
+
+    # ---- baselines and normalisation statistics ----------------------------------------
     def on_fit_start(self) -> None:
         self.fit_baselines()
 
-    def _plain_loader(self, dataset: Any) -> DataLoader:
-        datamodule = self.trainer.datamodule
-        return DataLoader(dataset, batch_size=getattr(datamodule, "batch_size", 32), shuffle=False,
-                          collate_fn=collate_hidden_pairs, num_workers=getattr(datamodule, "num_workers", 0))
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.VALIDATING and not self.baseline_results:
+            self.fit_baselines()  # `llm-trm validate`: there was no fit start
+
+    def on_test_start(self) -> None:
+        if not self.baseline_results:
+            self.fit_baselines()
 
     @torch.no_grad()
     def fit_baselines(self) -> None:
-        """Fit the baselines and the training means on the train split; score the baselines on val."""
+        """Fit the baselines, the reference means and the TRM's normalisation on the train split's
+        summaries; score the baselines on the validation and test splits."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        train_set, val_set = getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)
-        if train_set is None or val_set is None:
-            rank_zero_warn("the datamodule exposes no train_dataset/val_dataset: no baselines, and R^2 and "
-                           "centred cosine are taken around zero instead of the training mean.")
+        summaries = getattr(datamodule, "summaries", None)
+        if summaries is None:
+            if not self._warned_no_summaries:
+                rank_zero_warn("the datamodule has no summaries(split): no baselines, no normalisation statistics, "
+                               "and R^2 and centred cosine are taken around zero instead of the training mean.")
+                self._warned_no_summaries = True
             return
-        pooled, target, post_mean, token_mean, token_scale = self._training_statistics(self._plain_loader(train_set))
-        target_mean = target.double().mean(0)
+        train = self.compress_summaries(summaries("train"))
+        if len(train) == 0:
+            raise DataError("the datamodule's training split is empty: generate more samples or lower the "
+                            "held-out fractions.")
+        target_mean, post_mean = train.target.double().mean(0), train.post.double().mean(0)
         self._set_reference_means(target_mean, post_mean)
         if not bool(self.trm.normalization_fitted):  # a resumed run keeps the statistics it trained with
             for trm in (self.trm, self.ema.module if self.ema is not None else None):
                 if trm is not None:
-                    trm.set_normalization(token_mean, token_scale, target_mean.float(), target.float().std(0))
-        mean = MeanBaseline().fit(target)
-        ridge = RidgeBaseline(self.hparams.ridge_alpha).fit(pooled, target)
-        predictors: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-            "mean": lambda pooled, last: mean.predict(len(pooled)),
-            "ridge": lambda pooled, last: ridge.predict(pooled),
-            "last_token": lambda pooled, last: last,
+                    trm.set_normalization(train.token_mean.float(), train.token_scale.float(), target_mean.float(),
+                                          train.target.std(0))
+        mean = MeanBaseline().fit(train.target)
+        ridge = RidgeBaseline(self.hparams.ridge_alpha).fit(train.pooled, train.target)
+        predictors: dict[str, Callable[[CompressedSummaries], Tensor]] = {
+            "mean": lambda split: mean.predict(len(split)),
+            "ridge": lambda split: ridge.predict(split.pooled),
+            "last_token": lambda split: split.last,
         }
-        self.baseline_results = self._score_baselines(predictors, self._plain_loader(val_set), target_mean, post_mean)
-        rank_zero_info("Baselines on the held-out split: " + ", ".join(
-            f"{name} {value:.4f}" for name, value in self.baseline_results.items() if name.endswith("cosine")))
+        self.baseline_results = {}
+        for split in HELD_OUT_SPLITS:
+            held_out = self.compress_summaries(summaries(split))
+            if len(held_out):
+                self.baseline_results[split] = self._score_baselines(predictors, held_out, target_mean, post_mean)
+        for split, results in self.baseline_results.items():
+            rank_zero_info(f"Baselines on the {split} split: " + ", ".join(
+                f"{name} {value:.4f}" for name, value in results.items() if name.endswith("cosine")))
 
-    def _training_statistics(self, loader: DataLoader) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Mean-pooled prompts [N, D'] and targets [N, D'] (CPU fp32), the mean post state [D] (fp64),
-        and the prompt tokens' mean [D'] and RMS spread around it (a scalar), for the TRM's normalisation."""
-        pooled_rows, target_rows = [], []
-        post_sum = torch.zeros(self.compressor.d_model, dtype=torch.float64)
-        token_sum = torch.zeros(self.compressor.d_compressed, dtype=torch.float64)
-        token_sq_sum, token_count = torch.zeros((), dtype=torch.float64), 0
-        for batch in loader:
-            batch = self._to_device(batch)
-            x, mask, target = self.compress_batch(batch)
-            pooled_rows.append(prompt_summaries(x, mask)[0].cpu())
-            target_rows.append(target.cpu())
-            post_sum += batch["post"].double().sum(0).cpu()
-            tokens = x[mask].double().cpu()
-            token_sum += tokens.sum(0)
-            token_sq_sum += tokens.pow(2).sum()
-            token_count += tokens.shape[0]
-        target = torch.cat(target_rows)
-        token_mean = token_sum / max(token_count, 1)
-        spread = (token_sq_sum / max(token_count, 1) - token_mean.pow(2).sum()) / token_mean.numel()
-        return (torch.cat(pooled_rows), target, post_sum / len(target), token_mean.float(),
-                spread.clamp_min(0).sqrt().float())
+    @torch.no_grad()
+    def compress_summaries(self, summaries: Any) -> CompressedSummaries:
+        """A split's PairSummaries in D'. The compressor is linear without bias, so compressing the
+        pooled prompt gives the pooled compressed prompt, and the token statistics map exactly."""
+        if len(summaries.post) == 0:
+            empty = torch.zeros(0, self.compressor.d_compressed)
+            return CompressedSummaries(empty, empty, empty, torch.zeros(0, self.compressor.d_model),
+                                       torch.zeros(self.compressor.d_compressed, dtype=torch.float64),
+                                       torch.zeros((), dtype=torch.float64))
+        weight = self.compressor.weight.detach().double().cpu()
+        token_mean = summaries.token_mean.double().cpu() @ weight.t()
+        tokens = self._compress_rows(summaries.token_sample).double()
+        token_scale = (tokens - token_mean).pow(2).mean().sqrt()
+        return CompressedSummaries(
+            pooled=self._compress_rows(summaries.pooled), last=self._compress_rows(summaries.last),
+            target=self._compress_rows(summaries.post), post=summaries.post.float().cpu(),
+            token_mean=token_mean, token_scale=token_scale,
+        )
 
-    def _score_baselines(self, predictors: dict[str, Callable[[Tensor, Tensor], Tensor]], loader: DataLoader,
-                         target_mean: Tensor, post_mean: Tensor) -> dict[str, float]:
+    def _compress_rows(self, rows: Tensor) -> Tensor:
+        """[N, D] (CPU) -> [N, D'] fp32 on the CPU, compressed on the module's device outside autocast."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.compressor.compress(rows.to(self.device, torch.float32)).cpu()
+
+    def _score_baselines(self, predictors: dict[str, Callable[[CompressedSummaries], Tensor]],
+                         split: CompressedSummaries, target_mean: Tensor, post_mean: Tensor) -> dict[str, float]:
         d_compressed, d_model = self.compressor.d_compressed, self.compressor.d_model
-        # every rank scores the whole split itself, so there is nothing to synchronise
-        quality = {name: (VectorQuality(d_compressed, target_mean, sync_on_compute=False),
-                          VectorQuality(d_model, post_mean, sync_on_compute=False)) for name in predictors}
-        for batch in loader:
-            batch = self._to_device(batch)
-            x, mask, target = self.compress_batch(batch)
-            pooled, last = prompt_summaries(x, mask)
-            for name, predict in predictors.items():
-                prediction = predict(pooled.cpu(), last.cpu())
-                quality[name][0].update(prediction, target.cpu())
-                decompressed = self.decompress(prediction.to(self.device)).cpu()
-                quality[name][1].update(decompressed, batch["post"].cpu())
         results: dict[str, float] = {}
-        for name, (compressed, full) in quality.items():
+        for name, predict in predictors.items():
+            # every rank scores the whole split itself, so there is nothing to synchronise
+            compressed = VectorQuality(d_compressed, target_mean, sync_on_compute=False)
+            full = VectorQuality(d_model, post_mean, sync_on_compute=False)
+            prediction = predict(split)
+            compressed.update(prediction, split.target)
+            full.update(self.decompress(prediction.to(self.device)).cpu(), split.post)
             results.update({f"{name}_{key}": float(value) for key, value in compressed.compute().items()})
             results.update({f"{name}_full_{key}": float(value) for key, value in full.compute().items()})
         return results
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.trainer.strategy.batch_to_device(batch)
-
     def _set_reference_means(self, target_mean: Tensor, post_mean: Tensor) -> None:
-        for split in ("train", "val"):
-            getattr(self, f"{split}_quality").reference_mean.copy_(target_mean)
-            getattr(self, f"{split}_quality_full").reference_mean.copy_(post_mean)
+        self.train_quality.reference_mean.copy_(target_mean)
+        self.train_quality_full.reference_mean.copy_(post_mean)
+        for metrics in (self.val_metrics, self.test_metrics):
+            metrics.set_reference_means(target_mean, post_mean)
+
+
+def _held_out_loader(datamodule: Any, split: str) -> DataLoader | None:
+    """The datamodule's loader of a held-out split, or None when it has none."""
+    hook = f"{split}_dataloader"
+    if datamodule is None or not is_overridden(hook, datamodule, L.LightningDataModule):
+        return None
+    return getattr(datamodule, hook)()
