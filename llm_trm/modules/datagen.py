@@ -46,7 +46,7 @@ from llm_trm.data import problems as problem_registry
 from llm_trm.data.problems import Problem, supports_enable_thinking
 from llm_trm.data.shards import ShardWriter, read_index
 from llm_trm.eval.answers import check_answer
-from llm_trm.generation import GREEDY, Decoding, generate
+from llm_trm.generation import CACHE_IMPLEMENTATIONS, GREEDY, Decoding, generate
 from llm_trm.latent import Prompt, encode_prompt, pre_states, prompt_pass
 from llm_trm.modules.common import FrozenBackboneMixin
 from llm_trm.thinking import THINK_CLOSE, split_at_close
@@ -148,6 +148,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         max_context_tokens: context window; null reads the backbone's max_position_embeddings.
             A problem whose prompt plus both budgets does not fit is skipped and counted.
         backbone_dtype: `auto` (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.
+        cache_implementation: `dynamic`, or `static`: a preallocated KV cache with which transformers
+            compiles the decoding step on CUDA (faster decoding after one compilation per batch shape).
         attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
         trust_remote_code: allow custom modelling code from the Hub (off by default).
     """
@@ -166,12 +168,15 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        cache_implementation: str = "dynamic",
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_answer_tokens < 0:
             raise ValueError(f"max_answer_tokens must be >= 0, got {max_answer_tokens}")
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
         self.save_hyperparameters()
         self.backbone, self.layer = backbone, layer
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
@@ -272,7 +277,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         input_ids, attention_mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="left")
         return generate(self.llm.model, self.tokenizer, input_ids=input_ids, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, decoding=self.decoding, stop_text=stop_text,
-                        logits_processors=self._extra_logits_processors()).new_ids
+                        logits_processors=self._extra_logits_processors(),
+                        cache_implementation=self.hparams.cache_implementation).new_ids
 
     def _extra_logits_processors(self) -> list[Any]:
         """Hook for subclasses and tests (e.g. a processor that forces a token); none by default."""
