@@ -192,7 +192,7 @@ REAL = Scale(
     eval_batches=(1, 32), eval_thinking_tokens=256, eval_answer_tokens=8,
     grpo_problems=4, grpo_group=8, grpo_answer_tokens=128, grpo_soft_vectors=4,
     precision="bf16-mixed",
-    budgets={"setup": 75, "datagen": 90, "stage1a": 35, "trm": 45, "evaluate": 65, "grpo": 70, "generation": 150},
+    budgets={"setup": 150, "datagen": 90, "stage1a": 35, "trm": 45, "evaluate": 65, "grpo": 70, "generation": 150},
     total_budget=430,
 )
 TINY = Scale(
@@ -277,6 +277,7 @@ class Bench:
     problems: list = field(default_factory=list)
     weight_bytes: int = 0
     parameters: int = 0
+    bandwidth_tb_s: float | None = None  # --bandwidth-tb-s, for a card the table does not know
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -470,7 +471,7 @@ def run_datagen_rows(bench: Bench, out: dict[str, Any], batches: tuple[int, ...]
 def part_datagen(bench: Bench, out: dict[str, Any]) -> None:
     out.update(max_new_tokens=bench.scale.datagen_tokens,
                prompt_tokens_mean=prompt_tokens_mean(bench, max(bench.scale.datagen_batches)))
-    bandwidth, source = bench_bandwidth(bench)
+    bandwidth, source = device_bandwidth(bench.device, bench.bandwidth_tb_s)
     bound = bandwidth_bound_tokens_per_s(bench.weight_bytes, bandwidth) if bandwidth else None
     out["bandwidth_bound"] = {"weight_bytes_per_token": bench.weight_bytes, "bandwidth_bytes_per_s": bandwidth,
                               "source": source, "bound_tokens_per_s": bound, "ratio_at_batch_1": None}
@@ -478,13 +479,6 @@ def part_datagen(bench: Bench, out: dict[str, Any]) -> None:
     single = next((row for row in out["rows"] if row.get("batch") == 1 and "error" not in row), None)
     if bound and single:
         out["bandwidth_bound"]["ratio_at_batch_1"] = single["decode_tokens_per_s"] / bound
-
-
-BANDWIDTH_OVERRIDE: dict[str, float | None] = {"tb_s": None}
-
-
-def bench_bandwidth(bench: Bench) -> tuple[float | None, str]:
-    return device_bandwidth(bench.device, BANDWIDTH_OVERRIDE["tb_s"])
 
 
 # --------------------------------------------------------------------------- generation options
@@ -726,8 +720,8 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def device_info(device: torch.device) -> dict[str, Any]:
-    bandwidth, source = device_bandwidth(device, BANDWIDTH_OVERRIDE["tb_s"])
+def device_info(device: torch.device, bandwidth_tb_s: float | None) -> dict[str, Any]:
+    bandwidth, source = device_bandwidth(device, bandwidth_tb_s)
     info: dict[str, Any] = {"type": device.type, "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": source}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -974,7 +968,6 @@ def main(argv: list[str] | None = None) -> int:
     scale = TINY if args.tiny else REAL
     if args.total_budget:
         scale = replace(scale, total_budget=args.total_budget)
-    BANDWIDTH_OVERRIDE["tb_s"] = args.bandwidth_tb_s
     json_path = Path(args.json) if args.json else DEFAULT_JSON
     started_at = time.perf_counter()
     deadline = started_at + scale.total_budget
@@ -982,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": FORMAT, "command": " ".join(["python scripts/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "tiny": args.tiny, "scale": scale.name, "started": time.strftime("%Y-%m-%d %H:%M"),
         "json": str(json_path.relative_to(ROOT)) if json_path.resolve().is_relative_to(ROOT) else str(json_path),
-        "versions": versions(), "device": device_info(device), "options": {
+        "versions": versions(), "device": device_info(device, args.bandwidth_tb_s), "options": {
             "backbone_dtype": args.dtype, "attn_implementation": args.attn_implementation,
             "precision": scale.precision, "total_budget_s": scale.total_budget},
         "backbone": {"config": {k: v for k, v in scale.model.items() if k != "no_rope_layers"},
@@ -1001,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
 
     watchdog = start_watchdog(scale.total_budget + WATCHDOG_GRACE_S, report, emit)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-        bench = Bench(scale, device, args.dtype, args.attn_implementation, Path(tmp))
+        bench = Bench(scale, device, args.dtype, args.attn_implementation, Path(tmp),
+                      bandwidth_tb_s=args.bandwidth_tb_s)
         run_part(bench, "setup", setup, min(scale.budgets["setup"], deadline - time.perf_counter()), report)
         report["backbone"].update(report["parts"]["setup"]["results"])
         write_json(json_path, report)
