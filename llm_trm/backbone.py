@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from llm_trm.thinking import THINK_CLOSE, THINK_OPEN  # noqa: F401 - re-exported
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BACKBONE = "HuggingFaceTB/SmolLM3-3B"
+# the attention kernels a backbone can be loaded with (transformers' `attn_implementation`)
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
 # recorded with every artifact: which tensor a stored or compressed state is
 HIDDEN_STATE_CONVENTION = "transformers output_hidden_states[layer]; -1 = after the final norm (lm_head input)"
 
@@ -138,6 +143,20 @@ def default_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
         raise BackboneError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32.") from None
 
 
+def check_attn_implementation(name: str, dtype: torch.dtype) -> str:
+    """`name` when the backbone can be loaded with it here; a one-line error saying what to do otherwise."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise BackboneError(f"unknown attn_implementation {name!r}: use {', '.join(ATTN_IMPLEMENTATIONS)}.")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise BackboneError("attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                                "installed: `pip install flash-attn` on a CUDA machine, or use sdpa.")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise BackboneError(f"attn_implementation flash_attention_2 runs in bfloat16 or float16, not "
+                                f"{str(dtype).removeprefix('torch.')}: set backbone_dtype to bfloat16, or use sdpa.")
+    return name
+
+
 @dataclass
 class Backbone:
     """A frozen causal LM with its tokenizer and the facts artifacts record."""
@@ -176,13 +195,21 @@ class Backbone:
         return capture_hidden_states(self.model, input_ids, attention_mask, layer)
 
 
-def load_backbone(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> Backbone:
-    """Load the frozen LLM (eval mode, no grads). bf16 on GPU, fp32 on CPU by default."""
-    return _load_backbone_cached(str(spec), default_dtype(dtype), trust_remote_code)
+def load_backbone(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
+                  attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> Backbone:
+    """Load the frozen LLM (eval mode, no grads). bf16 on GPU, fp32 on CPU by default.
+
+    attn_implementation: `sdpa` (torch's fused attention, the default), `flash_attention_2`
+    (needs the flash-attn package and bf16/fp16) or `eager` (plain matmuls).
+    """
+    dtype = default_dtype(dtype)
+    attn_implementation = check_attn_implementation(attn_implementation, dtype)
+    return _load_backbone_cached(str(spec), dtype, trust_remote_code, attn_implementation)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> Backbone:
+def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool,
+                          attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> Backbone:
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_spec(spec)
@@ -190,9 +217,15 @@ def _load_backbone_cached(spec: str, dtype: torch.dtype, trust_remote_code: bool
     tokenizer = load_tokenizer(spec, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.location, gguf_file=resolved.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
+            resolved.location, gguf_file=resolved.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError) as err:
+    except ValueError as err:
+        if "attention" in str(err).lower() or "attn" in str(err).lower():
+            raise BackboneError(f"backbone {spec!r} cannot run with attn_implementation={attn_implementation} "
+                                f"({str(err).splitlines()[0]}): use sdpa or eager.") from err
+        raise _hub_failure(spec, err) from err
+    except OSError as err:
         raise _hub_failure(spec, err) from err
     model.eval().requires_grad_(False)
     return Backbone(model=model, tokenizer=tokenizer, backbone_id=resolved.backbone_id, spec=spec)
@@ -219,3 +252,43 @@ def run_decoder(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: in
 def capture_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int = -1) -> Tensor:
     """Hidden states [B, L, D] of one layer for a batch of token ids (no cache, no gradient)."""
     return run_decoder(model, input_ids, attention_mask, layer)[0]
+
+
+@contextmanager
+def activation_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the frozen LLM's decoder layers keep only their inputs and recompute the rest
+    in the backward pass: far less memory for a forward that needs gradients (GRPO's teacher-forced
+    pass), one more forward of compute.
+
+    transformers checkpoints a layer only while it is in training mode; the frozen LLM stays in eval
+    mode, so only the layer modules' own flag is set (their children, attention dropout included,
+    stay in eval). The recomputation in a later backward does not need the flags any more.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if enable is None or disable is None:
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not layers:
+        raise BackboneError(f"{type(model).__name__} has no checkpointable decoder layers: set "
+                            "activation_checkpointing to false.")
+    modes = [layer.training for layer in layers]
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    enable({"use_reentrant": False})
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        disable()
+        # enabling also hooks the input embeddings to require grad (for adapters); that hook is not ours to keep
+        if not had_input_hooks and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()

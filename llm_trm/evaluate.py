@@ -68,6 +68,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dtype", type=str, default="auto", help="backbone dtype: auto, bfloat16, float32")
     parser.add_argument("--device", type=str | None, default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--trust_remote_code", type=bool, default=False)
+    parser.add_argument("--attn_implementation", type=str, default="sdpa",
+                        help="backbone attention: sdpa, flash_attention_2 (needs flash-attn) or eager")
     parser.add_argument("--output_dir", type=str, default="runs/eval")
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     return parser
@@ -376,6 +378,7 @@ def evaluate(config: Namespace, reasoner: LatentReasoner | None = None) -> tuple
             dtype=config.dtype,
             device=config.device,
             trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
         )
     started = time.perf_counter()
     results = run_modes(reasoner, problems, config)

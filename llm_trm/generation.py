@@ -27,6 +27,10 @@ from torch import Tensor
 
 from llm_trm.thinking import THINK_CLOSE, cut_at_end, end_of_turn_ids, split_at_close
 
+# `static` preallocates the KV cache, and on CUDA transformers then compiles the decoding step
+# (torch.compile, CUDA graphs): faster steady decoding, a compilation per batch shape first
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -245,6 +249,7 @@ def generate(
     capture_first_logits: bool = False,
     logits_processors: Sequence[Any] = (),
     sync: Callable[[], None] = _no_sync,
+    cache_implementation: str = "dynamic",
 ) -> Generated:
     """Generate for a left-padded batch of prompt ids or input embeddings (optionally after a KV cache).
 
@@ -253,7 +258,8 @@ def generate(
     contains it (e.g. the closing think tag). `think` runs thinking then answer in one
     generation (see the module docstring); `max_new_tokens` is then the thinking budget's.
     `logits_processors` run after the watcher (research hooks, tests). `sync` waits for the
-    device before a time is taken (CUDA).
+    device before a time is taken (CUDA). `cache_implementation` (see CACHE_IMPLEMENTATIONS) applies
+    when no `cache` is given (a prompt's cache is dynamic).
     """
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -272,11 +278,14 @@ def generate(
     if stop_text is not None:
         criteria.append(_StopAfterText(tokenizer, stop_text, prompt_width))
     extra = {"cache": cache} if cache is not None else {}
+    config = decoding.generation_config(max_new_tokens, pad_id, sorted(end_ids - {pad_id}))
+    if cache_implementation != "dynamic" and cache is None:
+        config.cache_implementation = cache_implementation
     output = model.generate(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        generation_config=decoding.generation_config(max_new_tokens, pad_id, sorted(end_ids - {pad_id})),
+        generation_config=config,
         logits_processor=LogitsProcessorList([watcher, *logits_processors]),
         stopping_criteria=StoppingCriteriaList(criteria),
         **extra,

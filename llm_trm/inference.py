@@ -147,6 +147,7 @@ class LatentReasoner:
         layer: hidden-state layer; by default the one the compressor records (else -1).
         dtype: backbone dtype (`auto`: bf16 on GPU, fp32 on CPU).
         device: where everything runs (default: cuda when available, else cpu).
+        attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
     """
 
     def __init__(
@@ -160,12 +161,14 @@ class LatentReasoner:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         if (compressor is None) != (trm is None):
             raise ConfigMismatchError("the TRM modes need both a compressor and a TRM: pass both or neither.")
         # the small parts load first, so a wrong path fails before the LLM is loaded
         loaded = load_compressor_and_trm(compressor, trm) if compressor is not None and trm is not None else None
-        self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, dtype, trust_remote_code)
+        self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(
+            backbone, dtype, trust_remote_code, attn_implementation)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone.to(self.device)
         self.tokenizer = self.backbone.tokenizer

@@ -2,6 +2,7 @@
 
     python scripts/bench.py                 # every section
     python scripts/bench.py phase1 datagen  # only these
+    python scripts/bench.py gpu             # the GPU benchmark (`make bench-gpu`): only when named, needs CUDA
 
 Each section is a script `scripts/bench_<name>.py` that prints a markdown body to stdout.
 Its section in BENCHMARKS.md (between `<!-- bench:<name> -->` markers) is replaced with
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTIONS = ["phase1", "datagen", "shards", "trm", "evaluate", "grpo"]
+ON_REQUEST = ["gpu"]  # run only when named: needs a CUDA device
 
 
 def machine() -> str:
@@ -34,8 +36,14 @@ def machine() -> str:
 def run_section(name: str) -> str:
     script = ROOT / "scripts" / f"bench_{name}.py"
     started = time.time()
-    body = subprocess.run([sys.executable, str(script)], cwd=ROOT, check=True, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}).stdout
+    # stderr passes through (progress, warnings); a failing benchmark's own message and exit code are kept
+    run = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if run.returncode != 0:
+        print(f"bench: {name} failed (exit {run.returncode}); BENCHMARKS.md keeps its old {name} section",
+              file=sys.stderr)
+        sys.exit(run.returncode)
+    body = run.stdout
     took = time.time() - started
     header = (f"Machine: {machine()}. Command: `python scripts/bench.py {name}` "
               f"({time.strftime('%Y-%m-%d')}, {took:.0f} s).\n\n")

@@ -104,3 +104,33 @@ def test_the_watcher_forces_the_tag_at_the_budget_and_when_the_model_wants_to_en
     w = watcher(close=[6], end_ids={8}, budget=5)
     scores = step(w, [0], best=3)
     assert torch.isinf(scores[0, 8]) and scores[0].argmax() == 3  # end tokens are banned inside the thinking
+
+
+def test_a_static_cache_decodes_the_same_tokens_and_reaches_transformers(backbone, monkeypatch):
+    """On CPU only checked to run and agree; on CUDA transformers also compiles the step (the GPU bench)."""
+    tokenizer = backbone.tokenizer
+    input_ids, mask = prompts(backbone, ["<think>\n", "a longer prompt <think>\n"])
+    close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+    budget = ThinkingBudget(max_thinking_tokens=4, close_ids=close, max_answer_tokens=3)
+    seen = []
+    real_generate = backbone.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["generation_config"].cache_implementation)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(backbone.model, "generate", spy)
+    dynamic = generate(backbone.model, tokenizer, input_ids=input_ids, attention_mask=mask, think=budget)
+    static = generate(backbone.model, tokenizer, input_ids=input_ids, attention_mask=mask, think=budget,
+                      cache_implementation="static")
+    assert seen == [None, "static"]
+    assert static.new_ids == dynamic.new_ids and static.answer_start == dynamic.answer_start
+    assert all(len(ids) == 4 + len(close) + 3 for ids in static.new_ids)  # ran to the budgets, cut nowhere early
+
+
+def test_datagen_rejects_an_unknown_cache_implementation(tiny_backbone_dir):
+    from llm_trm.modules.datagen import DatagenModule
+
+    assert DatagenModule(backbone=str(tiny_backbone_dir), cache_implementation="static").hparams.cache_implementation == "static"
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        DatagenModule(backbone=str(tiny_backbone_dir), cache_implementation="paged")

@@ -414,3 +414,27 @@ def test_sanity_grpo_learns_a_fixed_first_token(tiny_backbone_dir, problems_file
     print(f"sanity task: chance {float(chance):.3f}, reward first 5 steps {start:.3f}, last 20 steps {end:.3f}")
     assert start < 0.35
     assert end >= 0.9
+
+
+def test_activation_checkpointing_recomputes_the_llm_and_gives_the_same_loss_and_gradients(
+        tiny_backbone_dir, parts, problems_file):
+    runs = {}
+    for flag in (False, True):
+        module = make_module(tiny_backbone_dir, parts, activation_checkpointing=flag)
+        prompted, answers = sampled_batch(module, problems_file)
+        calls = []
+        layers = module.llm.model.model.layers
+        hooks = [layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
+        try:
+            loss, _ = module.grpo_loss(prompted, answers, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), None, None)
+            forward_calls = len(calls)
+            loss.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        runs[flag] = (answers, loss.detach(), [p.grad for p in module.adapter.parameters()], len(calls) - forward_calls)
+    assert runs[False][0] == runs[True][0]
+    torch.testing.assert_close(runs[False][1], runs[True][1], atol=1e-5, rtol=1e-5)
+    for plain, checkpointed in zip(runs[False][2], runs[True][2]):
+        torch.testing.assert_close(plain, checkpointed, atol=1e-5, rtol=1e-4)
+    assert runs[False][3] == 0 and runs[True][3] == len(layers)  # every layer ran again in the backward

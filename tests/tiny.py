@@ -30,7 +30,8 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 300):
+def build_tokenizer(vocab_size: int = 300, corpus: list[str] | None = None):
+    """A byte-level BPE trained on `corpus` (default: a few sentences), wrapped with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,8 +42,9 @@ def build_tokenizer(vocab_size: int = 300):
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from llm_trm.backbone import Backbone, load_backbone
+from llm_trm.backbone import DEFAULT_ATTN_IMPLEMENTATION, Backbone, load_backbone
 from llm_trm.errors import ConfigMismatchError, NonFiniteLossError
 
 
@@ -76,12 +76,14 @@ class FrozenBackboneMixin:
     backbone: str
     backbone_dtype: str
     trust_remote_code: bool
+    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
     _llm: Backbone | None = None
 
     @property
     def llm(self) -> Backbone:
         if self._llm is None:
-            self._llm = load_backbone(self.backbone, self.backbone_dtype, self.trust_remote_code)
+            self._llm = load_backbone(self.backbone, self.backbone_dtype, self.trust_remote_code,
+                                      self.attn_implementation)
         device = self.device  # type: ignore[attr-defined]
         if self._llm.device != device:
             self._llm.to(device)

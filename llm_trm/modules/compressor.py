@@ -49,6 +49,7 @@ class CompressorModule(FrozenBackboneMixin, L.LightningModule):
             (finite datasets only, whose batches carry an `index`): later epochs skip the LLM.
         max_nonfinite_steps: stop after this many NaN/inf losses in a row.
         backbone_dtype: `auto` (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.
+        attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
         trust_remote_code: allow custom modelling code from the Hub (off by default).
     """
 
@@ -57,12 +58,14 @@ class CompressorModule(FrozenBackboneMixin, L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 50, cosine_loss_weight: float = 0.0,
                  gradient_clip_val: float = 1.0, pca_batches: int = 32, cache_hidden_states: bool = False,
                  max_nonfinite_steps: int = 10,
-                 backbone_dtype: str = "auto", trust_remote_code: bool = False) -> None:
+                 backbone_dtype: str = "auto", trust_remote_code: bool = False,
+                 attn_implementation: str = "sdpa") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # lets every rank skip a NaN step together
         self.backbone, self.layer = backbone, layer
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.d_model = hidden_size_of(backbone, trust_remote_code)
         self.compressor = DimensionCompressor(self.d_model, d_compressed)
         self.compressor.metadata = self.metadata

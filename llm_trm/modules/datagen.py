@@ -47,7 +47,7 @@ from llm_trm.data import problems as problem_registry
 from llm_trm.data.problems import Problem, supports_enable_thinking
 from llm_trm.data.shards import DatasetCounts, ShardWriter, dataset_of, read_index, sum_counts
 from llm_trm.eval.answers import check_answer
-from llm_trm.generation import GREEDY, Decoding, generate
+from llm_trm.generation import CACHE_IMPLEMENTATIONS, GREEDY, Decoding, generate
 from llm_trm.latent import Prompt, encode_prompt, pre_states, prompt_pass
 from llm_trm.modules.common import FrozenBackboneMixin
 from llm_trm.thinking import THINK_CLOSE, split_at_close
@@ -197,6 +197,9 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         max_context_tokens: context window; null reads the backbone's max_position_embeddings.
             A problem whose prompt plus both budgets does not fit is skipped and counted.
         backbone_dtype: `auto` (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.
+        cache_implementation: `dynamic`, or `static`: a preallocated KV cache with which transformers
+            compiles the decoding step on CUDA (faster decoding after one compilation per batch shape).
+        attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
         trust_remote_code: allow custom modelling code from the Hub (off by default).
     """
 
@@ -214,6 +217,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         num_post_states: int = 1,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
+        cache_implementation: str = "dynamic",
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
@@ -222,9 +227,12 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             raise ValueError(f"max_answer_tokens must be >= 0, got {max_answer_tokens}")
         if num_post_states < 1:
             raise ValueError(f"num_post_states must be >= 1, got {num_post_states}")
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
         self.save_hyperparameters()
         self.backbone, self.layer = backbone, layer
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.stats = DatagenStats()
 
     # ---- facts about the run ---------------------------------------------------------
@@ -262,6 +270,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
             "hidden_states": HIDDEN_STATE_CONVENTION,
             "positions": POSITIONS_CONVENTION,
             "backbone_dtype": str(default_dtype(self.backbone_dtype)).removeprefix("torch."),
+            "attn_implementation": self.attn_implementation,
             "prompt": {"format": self.prompt_format(), "sha256": self.prompt_fingerprint()},
             "max_new_tokens": hp.max_new_tokens,
             "max_answer_tokens": hp.max_answer_tokens,
@@ -320,7 +329,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         input_ids, attention_mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="left")
         return generate(self.llm.model, self.tokenizer, input_ids=input_ids, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, decoding=self.decoding, stop_text=stop_text,
-                        logits_processors=self._extra_logits_processors()).new_ids
+                        logits_processors=self._extra_logits_processors(),
+                        cache_implementation=self.hparams.cache_implementation).new_ids
 
     def _extra_logits_processors(self) -> list[Any]:
         """Hook for subclasses and tests (e.g. a processor that forces a token); none by default."""

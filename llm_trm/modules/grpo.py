@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from llm_trm.backbone import DEFAULT_BACKBONE, backbone_id, hidden_size_of
+from llm_trm.backbone import DEFAULT_BACKBONE, activation_checkpointing, backbone_id, hidden_size_of
 from llm_trm.batching import pad_token_ids, position_ids
 from llm_trm.data.grpo_data import ProblemBatch
 from llm_trm.data.problems import Problem
@@ -133,12 +133,16 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         halting: follow the TRM's halt head (as inference does); false runs every supervision step.
         reuse_prompt_cache: one prompt pass per problem whose KV cache serves all G samples and
             the log-probability pass (false recomputes the prompt each time: more compute, less memory).
+        activation_checkpointing: in the log-probability pass (the one with gradients through the frozen
+            LLM) keep only each layer's input and recompute the rest in the backward: far less memory,
+            one more forward; that pass then re-reads the prompt instead of its KV cache.
         equal_reward_warn_steps: warn when every group had equal rewards this many steps in a row.
         max_nonfinite_steps: stop after this many non-finite losses in a row (skipped and counted).
         gradient_clip_val: max gradient norm (0 disables).
         warmup_steps: linear learning-rate warmup, in optimizer steps, before cosine decay.
         seed: seeds the per-step sampling (with the step and the rank).
-        backbone_dtype, trust_remote_code: how the LLM is loaded.
+        backbone_dtype, trust_remote_code, attn_implementation: how the LLM is loaded (attention: sdpa,
+            flash_attention_2 with flash-attn installed, or eager).
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         warm_start_steps: int = 0,
         halting: bool = True,
         reuse_prompt_cache: bool = True,
+        activation_checkpointing: bool = False,
         equal_reward_warn_steps: int = 20,
         max_nonfinite_steps: int = 10,
         gradient_clip_val: float = 1.0,
@@ -171,12 +176,14 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         seed: int = 0,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self._check_settings()
         self.backbone, self.backbone_dtype, self.trust_remote_code = backbone, backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.rewards = resolve_rewards(reward, format_reward)
         # the small parts load and are checked first, so a wrong path fails before the LLM loads
         self.compressor, self.trm, self.layer = self._load_parts(compressor_checkpoint, trm_checkpoint)
@@ -399,13 +406,16 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         full = torch.cat([embeds, answer_embeds.to(embeds.dtype)], dim=1)
         full_mask = torch.cat([mask, answer_mask], dim=1)
         width = ids.shape[1]
-        cached = prompted.width if prompted.cache is not None else 0
+        checkpointing = self.hparams.activation_checkpointing
+        cache = None if checkpointing else prompted.cache  # a checkpointed layer cannot add to a KV cache
+        cached = prompted.width if cache is not None else 0
         # the logits at the last closing-tag token and at each answer token but the last
-        out = self.llm.model(inputs_embeds=full[:, cached:], attention_mask=full_mask,
-                             position_ids=position_ids(full_mask)[:, cached:], cache=prompted.cache,
-                             use_cache=prompted.cache is not None, logits_to_keep=width + 1)
-        if prompted.cache is not None:
-            rewind_cache(prompted.cache, prompted.width)  # drop this pass's keys (and their graph) again
+        with activation_checkpointing(self.llm.model, checkpointing):
+            out = self.llm.model(inputs_embeds=full[:, cached:], attention_mask=full_mask,
+                                 position_ids=position_ids(full_mask)[:, cached:], cache=cache,
+                                 use_cache=cache is not None, logits_to_keep=width + 1)
+        if cache is not None:
+            rewind_cache(cache, prompted.width)  # drop this pass's keys (and their graph) again
         logits = out.logits[:, :-1].float() / temperature
         logp = -F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
         return logp, answer_mask

@@ -270,7 +270,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         ridge_alpha: L2 penalty of the ridge baseline.
         first_token_backbone: load this backbone and report how often lm_head on the decompressed
             prediction gives the same first answer token as on the real state (needs layer -1 states).
-        backbone_dtype, trust_remote_code: how that backbone is loaded.
+        backbone_dtype, trust_remote_code, attn_implementation: how that backbone is loaded.
     """
 
     def __init__(
@@ -302,6 +302,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         first_token_backbone: str | None = None,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -320,6 +321,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         # the frozen LLM for the first-token metric (FrozenBackboneMixin); loaded on first use
         self.backbone = first_token_backbone or ""
         self.backbone_dtype, self.trust_remote_code = backbone_dtype, trust_remote_code
+        self.attn_implementation = attn_implementation
         self.baseline_results: dict[str, dict[str, float]] = {}  # split -> baseline metrics
         self._warned_no_summaries = False
         self._make_metrics()
