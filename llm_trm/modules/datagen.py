@@ -356,23 +356,25 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         post = [states[row, max(0, len(seq) - m) : len(seq)].cpu() for row, seq in enumerate(sequences)]
         return pre_rows, post
 
-    def _answer(self, thoughts: list[_Thought]) -> list[str]:
+    def _answer(self, thoughts: list[_Thought]) -> list[list[int]]:
+        """The answer's token ids after the canonical closing tag (cut before the end-of-turn token)."""
         if self.hparams.max_answer_tokens == 0:
-            return [""] * len(thoughts)
+            return [[] for _ in thoughts]
         sequences = [thought.extraction_ids(self._close_ids) for thought in thoughts]
-        generated = self._generate(sequences, self.hparams.max_answer_tokens, None)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        return self._generate(sequences, self.hparams.max_answer_tokens, None)
 
-    def _record(self, thought: _Thought, answer: str) -> dict[str, Any]:
+    def _record(self, thought: _Thought, answer_ids: list[int]) -> dict[str, Any]:
         problem = thought.prompt.problem
         extraction_ids = thought.extraction_ids(self._close_ids)
         checked = self.hparams.max_answer_tokens > 0
+        answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
         return {
             "sample_id": problem.sample_id,
             "dataset": problem.dataset,
             "problem": problem.prompt,
             "thinking": self._decode(thought.thinking_ids),
             "answer": answer,
+            "answer_ids": answer_ids,  # what the LLM wrote after token_ids (the bridge's teacher-forced targets)
             "gold_answer": problem.gold_answer,
             "correct": check_answer(problem, answer) if checked else None,
             "closed_thinking": thought.closed,
