@@ -205,6 +205,7 @@ class LatentReasoner:
         layer: hidden-state layer; by default the one the compressor records (else -1).
         dtype: backbone dtype (`auto`: bf16 on GPU, fp32 on CPU).
         device: where everything runs (default: cuda when available, else cpu).
+        allow_unchecked_artifacts: use a compressor / TRM that does not record its backbone, layer, D, D'.
     """
 
     def __init__(
@@ -218,11 +219,13 @@ class LatentReasoner:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        allow_unchecked_artifacts: bool = False,
     ) -> None:
         if (compressor is None) != (trm is None):
             raise ConfigMismatchError("the TRM modes need both a compressor and a TRM: pass both or neither.")
         # the small parts load first, so a wrong path fails before the LLM is loaded
-        loaded = self._load_latent_parts(compressor, trm) if compressor is not None and trm is not None else None
+        loaded = (self._load_latent_parts(compressor, trm, allow_unchecked_artifacts)
+                  if compressor is not None and trm is not None else None)
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, dtype, trust_remote_code)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone.to(self.device)
@@ -237,11 +240,13 @@ class LatentReasoner:
     # ---- construction ------------------------------------------------------------------
 
     @staticmethod
-    def _load_latent_parts(compressor_spec: str | DimensionCompressor,
-                           trm_spec: str | SequenceTRM) -> tuple[DimensionCompressor, SequenceTRM]:
+    def _load_latent_parts(compressor_spec: str | DimensionCompressor, trm_spec: str | SequenceTRM,
+                           allow_unchecked: bool = False) -> tuple[DimensionCompressor, SequenceTRM]:
         compressor = (compressor_spec if isinstance(compressor_spec, DimensionCompressor)
-                      else _load_part("compressor", compressor_spec, lambda spec: load_compressor(str(spec))))
-        trm = trm_spec if isinstance(trm_spec, SequenceTRM) else _load_part("TRM", trm_spec, load_trm)
+                      else _load_part("compressor", compressor_spec,
+                                      lambda spec: load_compressor(str(spec), allow_unchecked=allow_unchecked)))
+        trm = (trm_spec if isinstance(trm_spec, SequenceTRM)
+               else _load_part("TRM", trm_spec, lambda spec: load_trm(str(spec), allow_unchecked=allow_unchecked)))
         return compressor, trm
 
     def _attach_latent_parts(

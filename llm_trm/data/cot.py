@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset
 
 from llm_trm.backbone import DEFAULT_BACKBONE, THINK_CLOSE, THINK_OPEN
@@ -107,8 +108,9 @@ class CoTDataModule(TokenBatchDataModule):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, source: str = "openai/gsm8k", subset: str | None = "main",
                  split: str = "train", prompt_field: str = "question", thinking_field: str = "answer",
-                 max_length: int = 1024, num_samples: int = 5000, val_samples: int = 256, val_fraction: float = 0.1,
-                 batch_size: int = 8, num_workers: int = 0, seed: int = 0, trust_remote_code: bool = False) -> None:
+                 max_length: PositiveInt = 1024, num_samples: PositiveInt = 5000, val_samples: PositiveInt = 256,
+                 val_fraction: float = 0.1, batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0,
+                 seed: int = 0, trust_remote_code: bool = False) -> None:
         super().__init__(backbone, batch_size, num_workers, trust_remote_code)
         if num_samples < 1 or val_samples < 1:
             raise DataError("num_samples and val_samples must be >= 1.")

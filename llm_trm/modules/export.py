@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from llm_trm.models.pretrained import load_torch_checkpoint
+from llm_trm.hub import load_torch_checkpoint
 
 
 class ExportBestModel(Callback):

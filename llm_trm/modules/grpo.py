@@ -184,6 +184,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         warmup_steps: linear learning-rate warmup, in optimizer steps, before cosine decay.
         seed: seeds the per-step sampling (with the step and the rank).
         backbone_dtype, trust_remote_code: how the LLM is loaded.
+        allow_unchecked_artifacts: accept a compressor / TRM that does not record its backbone, layer, D, D'.
     """
 
     def __init__(
@@ -215,6 +216,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         seed: int = 0,
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
+        allow_unchecked_artifacts: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -261,8 +263,9 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
 
     def _load_parts(self, compressor_spec: str, trm_spec: str) -> tuple[DimensionCompressor, SequenceTRM, int]:
         """Load compressor and TRM and check that they fit each other and the backbone (one-line errors)."""
-        compressor = _load("compressor", compressor_spec, lambda s: load_compressor(str(s)))
-        trm = _load("TRM", trm_spec, lambda s: load_trm(str(s)))
+        unchecked = self.hparams.allow_unchecked_artifacts
+        compressor = _load("compressor", compressor_spec, lambda s: load_compressor(str(s), allow_unchecked=unchecked))
+        trm = _load("TRM", trm_spec, lambda s: load_trm(str(s), allow_unchecked=unchecked))
         hidden, bid = hidden_size_of(self.backbone, self.trust_remote_code), backbone_id(self.backbone)
         if compressor.d_model != hidden:
             raise ConfigMismatchError(f"compressor {compressor_spec} maps D={compressor.d_model} but backbone "
