@@ -11,7 +11,7 @@ A card is built from what a run leaves behind:
 
 A field that cannot be filled (no metrics, no config, no Hub id for the backbone) is a
 `ModelCardError` naming what is missing and how to supply it, raised before anything
-is uploaded. What a card says per kind lives in a `CardTemplate` (see hub.ARTIFACT_KINDS).
+is uploaded. What a card says per kind lives in a `CardTemplate` (push.CARD_TEMPLATES picks one per kind).
 """
 
 from __future__ import annotations

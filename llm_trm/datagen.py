@@ -69,7 +69,7 @@ EPILOG = (
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="llm-trm datagen", description=DESCRIPTION, epilog=EPILOG)
+    parser = ArgumentParser(prog="llm-trm datagen", description=DESCRIPTION, epilog=EPILOG, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/phase2/datagen.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="problem generation and sampling seed")
     parser.add_class_arguments(DatagenModule, "model")

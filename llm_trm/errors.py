@@ -23,3 +23,15 @@ class NonFiniteLossError(LLMTRMError, RuntimeError):
 
 class ArtifactNotFoundError(LLMTRMError, FileNotFoundError):
     """A checkpoint / export folder / Hub repo that was asked for cannot be found or fetched."""
+
+
+class UnreadableCheckpointError(LLMTRMError, ValueError):
+    """A checkpoint is not a file of tensors and plain values: corrupt, another format, or pickled code."""
+
+
+class UncheckedArtifactError(ConfigMismatchError):
+    """An artifact does not record what it was trained against (backbone, layer, D, D'), so nothing can be checked."""
+
+
+class ConfigError(LLMTRMError, ValueError):
+    """The command line or config file does not parse (unknown key, bad number, wrong type)."""

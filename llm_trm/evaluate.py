@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 
 from llm_trm.data.problems import Problem, load_problems
 from llm_trm.data.shards import ShardCorruptError, iter_records, read_datagen_config, read_index
@@ -43,7 +44,7 @@ RESULTS_JSON, SUMMARY_CSV, RESULTS_CSV, PLOT_PNG = "results.json", "summary.csv"
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="llm-trm evaluate", description=DESCRIPTION)
+    parser = ArgumentParser(prog="llm-trm evaluate", description=DESCRIPTION, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/eval/gsm8k.yaml)")
     parser.add_argument("--backbone", type=str, default="HuggingFaceTB/SmolLM3-3B",
                         help="frozen LLM: Hub id, local dir, .gguf file or `embedded`")
@@ -52,24 +53,26 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--trm", type=str | None, default=None, help="TRM export folder, Hub id or .ckpt")
     parser.add_argument("--adapter", type=str, default="auto",
                         help="auto (the TRM folder's adapter/, else norm_match), norm_match, linear, or a folder")
-    parser.add_argument("--n_soft_vectors", type=int, default=1, help="k soft vectors inside the think block")
+    parser.add_argument("--n_soft_vectors", type=PositiveInt, default=1, help="k soft vectors inside the think block")
     parser.add_argument("--layer", type=int | None, default=None, help="hidden-state layer (default: the compressor's)")
     parser.add_argument("--datasets", type=str, default="gsm8k", help="problem sources, comma-separated")
     parser.add_argument("--split", type=str, default="test")
-    parser.add_argument("--num_samples", type=int, default=100, help="held-out problems to evaluate")
+    parser.add_argument("--num_samples", type=PositiveInt, default=100, help="held-out problems to evaluate")
     parser.add_argument("--exclude_from", type=str | None, default=None,
                         help="datagen shard directory: its problems are left out (the TRM trained on them)")
     parser.add_argument("--modes", type=list[str], default=list(MODES), help=f"any of {', '.join(MODES)}")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="answer budget")
-    parser.add_argument("--max_thinking_tokens", type=int, default=512, help="thinking budget (cot)")
-    parser.add_argument("--n_supervision_steps", type=int | None, default=None, help="override the TRM's N_sup")
+    parser.add_argument("--batch_size", type=PositiveInt, default=8)
+    parser.add_argument("--max_new_tokens", type=PositiveInt, default=256, help="answer budget")
+    parser.add_argument("--max_thinking_tokens", type=PositiveInt, default=512, help="thinking budget (cot)")
+    parser.add_argument("--n_supervision_steps", type=PositiveInt | None, default=None, help="override the TRM's N_sup")
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
     parser.add_argument("--dtype", type=str, default="auto", help="backbone dtype: auto, bfloat16, float32")
     parser.add_argument("--device", type=str | None, default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--trust_remote_code", type=bool, default=False)
     parser.add_argument("--attn_implementation", type=str, default="sdpa",
                         help="backbone attention: sdpa, flash_attention_2 (needs flash-attn) or eager")
+    parser.add_argument("--allow_unchecked_artifacts", type=bool, default=False,
+                        help="use a compressor / TRM that does not record its backbone, layer, D and D' (unchecked)")
     parser.add_argument("--output_dir", type=str, default="runs/eval")
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     return parser
@@ -379,6 +382,7 @@ def evaluate(config: Namespace, reasoner: LatentReasoner | None = None) -> tuple
             device=config.device,
             trust_remote_code=config.trust_remote_code,
             attn_implementation=config.attn_implementation,
+            allow_unchecked_artifacts=config.allow_unchecked_artifacts,
         )
     started = time.perf_counter()
     results = run_modes(reasoner, problems, config)

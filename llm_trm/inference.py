@@ -148,6 +148,7 @@ class LatentReasoner:
         dtype: backbone dtype (`auto`: bf16 on GPU, fp32 on CPU).
         device: where everything runs (default: cuda when available, else cpu).
         attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
+        allow_unchecked_artifacts: use a compressor / TRM that does not record its backbone, layer, D, D'.
     """
 
     def __init__(
@@ -162,11 +163,12 @@ class LatentReasoner:
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        allow_unchecked_artifacts: bool = False,
     ) -> None:
         if (compressor is None) != (trm is None):
             raise ConfigMismatchError("the TRM modes need both a compressor and a TRM: pass both or neither.")
         # the small parts load first, so a wrong path fails before the LLM is loaded
-        loaded = load_compressor_and_trm(compressor, trm) if compressor is not None and trm is not None else None
+        loaded = load_compressor_and_trm(compressor, trm, allow_unchecked_artifacts) if compressor is not None and trm is not None else None
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(
             backbone, dtype, trust_remote_code, attn_implementation)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -59,13 +59,15 @@ def describe(spec: Any, kind: str) -> str:
     return f"{kind} {spec}" if isinstance(spec, (str, Path)) else f"the given {kind}"
 
 
-def load_compressor_and_trm(compressor: str | DimensionCompressor,
-                            trm: str | SequenceTRM) -> tuple[DimensionCompressor, SequenceTRM]:
-    """The compressor and TRM from export folders, Hub ids or `.ckpt` files (or as given)."""
+def load_compressor_and_trm(compressor: str | DimensionCompressor, trm: str | SequenceTRM,
+                            allow_unchecked: bool = False) -> tuple[DimensionCompressor, SequenceTRM]:
+    """The compressor and TRM from export folders, Hub ids or `.ckpt` files (or as given); an artifact
+    that does not record its backbone, layer, D and D' is refused unless `allow_unchecked`."""
     if not isinstance(compressor, DimensionCompressor):
-        compressor = load_part("compressor", compressor, lambda spec: load_compressor(str(spec)))
+        compressor = load_part("compressor", compressor,
+                               lambda spec: load_compressor(str(spec), allow_unchecked=allow_unchecked))
     if not isinstance(trm, SequenceTRM):
-        trm = load_part("TRM", trm, lambda spec: load_trm(str(spec)))
+        trm = load_part("TRM", trm, lambda spec: load_trm(str(spec), allow_unchecked=allow_unchecked))
     return compressor, trm
 
 

@@ -23,15 +23,18 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
-from llm_trm.cards import ExportMetrics, ModelCardError, RunRecord, build_model_card, looks_like_run_dir
+from llm_trm.cards import (COMPRESSOR_CARD, TRM_CARD, CardTemplate, ExportMetrics, ModelCardError, RunRecord,
+                           build_model_card, looks_like_run_dir)
 from llm_trm.errors import LLMTRMError
-from llm_trm.hub import ArtifactKind, is_lightning_checkpoint, load_artifact
-from llm_trm.models.pretrained import CONFIG_NAME, FALLBACK_WEIGHTS_NAME, load_torch_checkpoint
+from llm_trm.hub import ArtifactKind, is_lightning_checkpoint, load_artifact, load_torch_checkpoint
+from llm_trm.models.pretrained import CONFIG_NAME, FALLBACK_WEIGHTS_NAME
 from llm_trm.weights import check_finite
 
 DESCRIPTION = "share a trained compressor or TRM on the Hugging Face Hub, with a generated model card"
 CARD_NAME = "README.md"
 UPLOAD_FILES = (FALLBACK_WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)  # from_pretrained falls back to model.safetensors
+# what each kind's model card says and which metrics it tabulates (hub.ARTIFACT_KINDS names the kinds)
+CARD_TEMPLATES: dict[str, CardTemplate] = {"compressor": COMPRESSOR_CARD, "trm": TRM_CARD}
 
 
 class PushError(LLMTRMError):
@@ -47,6 +50,10 @@ class PushSource:
     origin: Path
     run: RunRecord
     metrics: ExportMetrics | None = None  # the export folder's metrics.json, when it has one
+
+    @property
+    def card(self) -> CardTemplate:
+        return CARD_TEMPLATES[self.kind.name]
 
 
 # ---------------------------------------------------------------------------- command line
@@ -144,7 +151,7 @@ def locate_source(path: Path, run_dir: Path | None = None) -> PushSource:
 def set_hub_references(source: PushSource, references: dict[str, str]) -> None:
     """Record the Hub ids of the parts the model needs (its compressor) in place of local paths."""
     for key, repo_id in references.items():
-        if key not in source.kind.card.hub_references:
+        if key not in source.card.hub_references:
             raise PushError(f"--{key}-repo does not apply to a {source.kind.name}: drop it.")
         check_repo_id(repo_id, option=f"--{key}-repo")
         source.model.metadata[key] = repo_id
@@ -180,7 +187,7 @@ def _best_model_path(last_checkpoint: Path) -> Path | None:
 
 def write_upload_folder(source: PushSource, repo_id: str, out_dir: Path, base_model: str | None = None) -> Path:
     """Write model.safetensors, config.json and README.md into `out_dir` (new, empty, or a previous dry run)."""
-    card = build_model_card(source.kind.card, dict(source.model.metadata), source.run, repo_id, base_model,
+    card = build_model_card(source.card, dict(source.model.metadata), source.run, repo_id, base_model,
                             source.metrics)
     _check_writable(out_dir)
     source.model.save_pretrained(out_dir)  # type: ignore[operator]

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from llm_trm.cli import LLMTRMCLI, main
-from llm_trm.errors import ArtifactNotFoundError, ConfigMismatchError, DataError, NonFiniteLossError
+from llm_trm.errors import ArtifactNotFoundError, ConfigError, ConfigMismatchError, DataError, NonFiniteLossError
 from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.pretrained import load_torch_checkpoint
+from llm_trm.hub import load_compressor, load_torch_checkpoint
 from llm_trm.modules.compressor import CompressorModule
 from tests.test_data_text import write_corpus, write_datagen_records
 
@@ -233,10 +233,10 @@ def test_cli_help_lists_subcommands(capsys):
 
 
 def test_unknown_config_key_is_rejected(tiny_backbone_dir, workdir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(ConfigError, match="--model.no_such_key is not an option of .*CompressorModule"):
         main(text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir, "--model.no_such_key", "1"))
-    assert exit_info.value.code == 2
-    assert "no_such_key" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, from the console exit code 2
+    assert line.startswith("llm-trm: error: --model.no_such_key")
 
 
 def test_ddp_two_processes_on_cpu(tiny_backbone_dir, workdir):
@@ -309,10 +309,12 @@ def test_console_prints_user_errors_as_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_from_pretrained_accepts_a_lightning_checkpoint(tiny_backbone_dir, workdir):
+def test_load_compressor_reads_a_lightning_checkpoint_and_from_pretrained_points_there(tiny_backbone_dir, workdir):
     cli = LLMTRMCLI(args=text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir,
                                    "--trainer.max_epochs", "1"))
     last = cli.trainer.checkpoint_callback.last_model_path
-    loaded = DimensionCompressor.from_pretrained(last)
+    with pytest.raises(ArtifactNotFoundError, match="load_compressor"):  # models know nothing of .ckpt files
+        DimensionCompressor.from_pretrained(last)
+    loaded = load_compressor(last)
     assert torch.equal(loaded.weight, load_torch_checkpoint(last)["state_dict"]["compressor.weight"])
     assert loaded.metadata["d_compressed"] == 8

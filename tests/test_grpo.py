@@ -327,7 +327,8 @@ def test_parts_that_do_not_fit_are_one_line_errors(tiny_backbone_dir, tiny_backb
     with pytest.raises(ConfigMismatchError) as err:
         make_module(tiny_backbone_dir_d32, parts)
     assert "D=64" in one_line(err) and "D=32" in one_line(err)
-    other_trm = SequenceTRM(8, **TINY_TRM).save_pretrained(tmp_path / "trm8")
+    other_trm = SequenceTRM(8, **TINY_TRM).save_pretrained(
+        tmp_path / "trm8", metadata={"backbone": backbone_id(str(tiny_backbone_dir)), "layer": -1, "d_model": D})
     with pytest.raises(ConfigMismatchError) as err:
         make_module(tiny_backbone_dir, (parts[0], other_trm))
     assert "D'=8" in one_line(err) and "D'=16" in one_line(err)

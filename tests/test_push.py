@@ -18,9 +18,8 @@ from llm_trm import push
 from llm_trm.cards import EMBEDDED_BACKBONE_HUB_ID, ModelCardError, base_model_id, dataset_ids, read_scalars
 from llm_trm.cli import LLMTRMCLI, main
 from llm_trm.errors import ConfigMismatchError
-from llm_trm.hub import UnknownArtifactError, detect_kind, load_compressor, load_trm
+from llm_trm.hub import UnknownArtifactError, detect_kind, load_compressor, load_torch_checkpoint, load_trm
 from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.pretrained import load_torch_checkpoint
 from llm_trm.models.trm import SequenceTRM
 from llm_trm.weights import NonFiniteWeightsError
 from tests.test_compressor_module import text_args
@@ -240,7 +239,7 @@ def test_card_fields_that_cannot_be_filled_are_clear_errors(compressor_run, tmp_
     assert not (tmp_path / "a").exists()  # nothing written
 
     bare = tmp_path / "bare"  # an export folder outside any run: no metrics, no config
-    DimensionCompressor(16, 4).save_pretrained(bare / "compressor")
+    DimensionCompressor(16, 4).save_pretrained(bare / "compressor", metadata={"backbone": "embedded", "layer": -1})
     with pytest.raises(ModelCardError, match="--run-dir"):
         dry_run(bare / "compressor", tmp_path / "b")
 

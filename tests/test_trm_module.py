@@ -312,7 +312,8 @@ def test_resume_from_another_architecture_is_one_line_error(shards, compressor_d
 
 
 def test_compressor_of_another_hidden_size_is_one_line_error(shards, tmp_path):
-    wrong = DimensionCompressor(d_model=16, d_compressed=D_COMPRESSED).save_pretrained(tmp_path / "wrong")
+    wrong = DimensionCompressor(d_model=16, d_compressed=D_COMPRESSED).save_pretrained(
+        tmp_path / "wrong", metadata={"backbone": "tiny", "layer": -1})
     with pytest.raises(ConfigMismatchError) as err:
         make_trainer().fit(make_module(wrong), make_data(shards))
     assert "D=32" in one_line(err) and "D=16" in str(err.value)
@@ -516,7 +517,8 @@ def direct_scores(module: TRMModule, trm: SequenceTRM, samples: list[dict]) -> d
 def test_validation_logs_metrics_baselines_and_first_token_agreement(tiny_backbone_dir, tmp_path):
     shards64 = write_shards(tmp_path / "pairs64", dim=64)
     torch.manual_seed(0)
-    compressor = DimensionCompressor(d_model=64, d_compressed=D_COMPRESSED).save_pretrained(tmp_path / "comp64")
+    compressor = DimensionCompressor(d_model=64, d_compressed=D_COMPRESSED).save_pretrained(
+        tmp_path / "comp64", metadata={"backbone": str(tiny_backbone_dir), "layer": -1})
     module = make_module(compressor, first_token_backbone=str(tiny_backbone_dir))
     data = make_data(shards64)
     trainer = make_trainer(limit_train_batches=1)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset
 
 from llm_trm.backbone import DEFAULT_BACKBONE, backbone_id
@@ -141,8 +142,9 @@ class CoTDataModule(TokenBatchDataModule):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, source: str = DEFAULT_SOURCE, subset: str | None = "main",
                  split: str = "train", prompt_field: str = "question", thinking_field: str = "answer",
-                 max_length: int = 1024, num_samples: int = 50000, val_samples: int = 256, val_fraction: float = 0.1,
-                 batch_size: int = 8, num_workers: int = 0, seed: int = 0, trust_remote_code: bool = False) -> None:
+                 max_length: PositiveInt = 1024, num_samples: PositiveInt = 50000, val_samples: PositiveInt = 256,
+                 val_fraction: float = 0.1, batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0,
+                 seed: int = 0, trust_remote_code: bool = False) -> None:
         super().__init__(backbone, batch_size, num_workers, trust_remote_code)
         if num_samples < 1 or val_samples < 1:
             raise DataError("num_samples and val_samples must be >= 1.")

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llm_trm.data.problems import Problem, get_source, load_problems
@@ -86,10 +87,10 @@ class ProblemDataModule(L.LightningDataModule):
         self,
         dataset: str = "gsm8k",
         split: str = "train",
-        num_samples: int = 1000,
+        num_samples: PositiveInt = 1000,
         seed: int = 0,
-        batch_size: int = 4,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 4,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from llm_trm.backbone import DEFAULT_BACKBONE, load_tokenizer
@@ -222,8 +223,9 @@ class TextDataModule(TokenBatchDataModule):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, source: str = FINEWEB_EDU, subset: str | None = "sample-10BT",
-                 split: str = "train", text_field: str = "text", seq_len: int = 512, num_samples: int = 50000,
-                 val_samples: int = 512, val_fraction: float = 0.05, batch_size: int = 8, num_workers: int = 0,
+                 split: str = "train", text_field: str = "text", seq_len: PositiveInt = 512,
+                 num_samples: PositiveInt = 50000, val_samples: PositiveInt = 512, val_fraction: float = 0.05,
+                 batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0,
                  seed: int = 0, trust_remote_code: bool = False) -> None:
         super().__init__(backbone, batch_size, num_workers, trust_remote_code)
         if num_samples < 1 or val_samples < 1 or seq_len < 2:

@@ -15,16 +15,14 @@ Both save as `adapter.safetensors` + `config.json` (model_type "latent_adapter")
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from llm_trm.models.pretrained import CONFIG_NAME, PretrainedMixin, resolve_pretrained_folder
+from llm_trm.errors import ConfigMismatchError
+from llm_trm.models.pretrained import PretrainedMixin
 
 __all__ = ["LatentAdapter", "NormMatchAdapter", "LinearAdapter", "ADAPTER_KINDS", "mean_embedding_norm"]
 
@@ -54,25 +52,16 @@ class LatentAdapter(PretrainedMixin, nn.Module):
     n_vectors: int
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, revision: str | None = None, **overrides: Any):
-        """Load an adapter folder; called on the base class it returns the kind the folder records."""
-        folder = resolve_pretrained_folder(path_or_hub_id, cls.weights_name, revision)
-        payload = json.loads((folder / CONFIG_NAME).read_text())
-        if payload.pop("model_type", None) != cls.model_type:
-            raise ValueError(f"{path_or_hub_id} does not hold a {cls.model_type}: point at an adapter export folder.")
-        kind = payload.pop("kind", None)
+    def _class_for(cls, source: str, config: dict[str, Any]) -> type[LatentAdapter]:
+        """Called on the base class, the kind the folder records; on a kind, that kind only."""
+        super()._class_for(source, config)  # model_type
+        kind = config.get("kind")
         if kind not in ADAPTER_KINDS:
-            raise ValueError(f"{path_or_hub_id} records adapter kind {kind!r}; known: {', '.join(ADAPTER_KINDS)}.")
+            raise ConfigMismatchError(f"{source} records adapter kind {kind!r}; known: {', '.join(ADAPTER_KINDS)}.")
         target = ADAPTER_KINDS[kind]
         if cls is not LatentAdapter and target is not cls:
-            raise ValueError(f"{path_or_hub_id} holds a {target.__name__}, not a {cls.__name__}.")
-        metadata = payload.pop("metadata", {})
-        adapter = target(**{**payload, **overrides})
-        weights = folder / cls.weights_name
-        if weights.exists():
-            adapter.load_state_dict(load_file(str(weights)))
-        adapter.metadata = metadata
-        return adapter
+            raise ConfigMismatchError(f"{source} holds a {target.__name__}, not a {cls.__name__}.")
+        return target
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_embed={self.d_embed}, n_vectors={self.n_vectors}"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
 from llm_trm.backbone import DEFAULT_BACKBONE, HIDDEN_STATE_CONVENTION, backbone_id, hidden_size_of
@@ -51,15 +52,17 @@ class CompressorModule(FrozenBackboneMixin, L.LightningModule):
         backbone_dtype: `auto` (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.
         attn_implementation: the backbone's attention: sdpa, flash_attention_2 (needs flash-attn) or eager.
         trust_remote_code: allow custom modelling code from the Hub (off by default).
+        allow_unchecked_artifacts: accept an `init_from` that does not record its backbone, layer, D, D'.
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: int = -1, d_compressed: int = 256,
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: int = -1, d_compressed: PositiveInt = 256,
                  stage: Literal["1a", "1b"] = "1a", init_from: str | None = None, learning_rate: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, cosine_loss_weight: float = 0.0,
                  gradient_clip_val: float = 1.0, pca_batches: int = 32, cache_hidden_states: bool = False,
                  max_nonfinite_steps: int = 10,
                  backbone_dtype: str = "auto", trust_remote_code: bool = False,
-                 attn_implementation: str = "sdpa") -> None:
+                 attn_implementation: str = "sdpa",
+                 allow_unchecked_artifacts: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # lets every rank skip a NaN step together
@@ -96,7 +99,7 @@ class CompressorModule(FrozenBackboneMixin, L.LightningModule):
                 ".ckpt file or Hub id."
             )
         try:
-            loaded = load_compressor(init_from)
+            loaded = load_compressor(init_from, allow_unchecked=self.hparams.allow_unchecked_artifacts)
         except ArtifactNotFoundError as err:
             raise ArtifactNotFoundError(
                 f"stage 1b starts from your stage 1a compressor, and model.init_from={init_from} cannot be loaded: "

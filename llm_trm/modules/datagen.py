@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch import Tensor
 
@@ -207,8 +208,8 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layer: int = -1,
-        max_new_tokens: int = 512,
-        max_answer_tokens: int = 256,
+        max_new_tokens: PositiveInt = 512,
+        max_answer_tokens: NonNegativeInt = 256,
         do_sample: bool = False,
         temperature: float = 0.6,
         top_p: float = 0.95,

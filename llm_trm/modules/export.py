@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llm_trm.files import aside_path, atomic_write_text, fsync_dir, move_aside, sha256_file
-from llm_trm.models.pretrained import CONFIG_NAME, load_torch_checkpoint
+from llm_trm.hub import load_torch_checkpoint
+from llm_trm.models.pretrained import CONFIG_NAME
 from llm_trm.weights import NonFiniteWeightsError, check_finite_folder
 
 SELECTION_KEY = "selection"  # in config.json's metadata

@@ -143,6 +143,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         seed: seeds the per-step sampling (with the step and the rank).
         backbone_dtype, trust_remote_code, attn_implementation: how the LLM is loaded (attention: sdpa,
             flash_attention_2 with flash-attn installed, or eager).
+        allow_unchecked_artifacts: accept a compressor / TRM that does not record its backbone, layer, D, D'.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        allow_unchecked_artifacts: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -214,7 +216,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
 
     def _load_parts(self, compressor_spec: str, trm_spec: str):
         """Load compressor and TRM and check that they fit each other and the backbone (one-line errors)."""
-        compressor, trm = load_compressor_and_trm(compressor_spec, trm_spec)
+        compressor, trm = load_compressor_and_trm(compressor_spec, trm_spec, self.hparams.allow_unchecked_artifacts)
         hidden, bid = hidden_size_of(self.backbone, self.trust_remote_code), backbone_id(self.backbone)
         layer = int(compressor.metadata.get("layer", -1))
         check_parts(compressor, trm, hidden, bid, layer, f"compressor {compressor_spec}", f"TRM {trm_spec}")

@@ -271,6 +271,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         first_token_backbone: load this backbone and report how often lm_head on the decompressed
             prediction gives the same first answer token as on the real state (needs layer -1 states).
         backbone_dtype, trust_remote_code, attn_implementation: how that backbone is loaded.
+        allow_unchecked_artifacts: accept a compressor that does not record its backbone, layer, D, D'.
     """
 
     def __init__(
@@ -303,11 +304,12 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         backbone_dtype: str = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        allow_unchecked_artifacts: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # several optimizer steps per batch
-        self.compressor = self._frozen_compressor(compressor_checkpoint)
+        self.compressor = self._frozen_compressor(compressor_checkpoint, allow_unchecked_artifacts)
         self.trm = SequenceTRM(
             self.compressor.d_compressed, n_layers=n_layers, n_heads=n_heads, n_latent_steps=n_latent_steps,
             n_deep_recursions=n_deep_recursions, n_supervision_steps=n_supervision_steps,
@@ -328,8 +330,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
 
     # ---- construction ------------------------------------------------------------------
     @staticmethod
-    def _frozen_compressor(spec: str) -> DimensionCompressor:
-        compressor = load_compressor(spec)
+    def _frozen_compressor(spec: str, allow_unchecked: bool = False) -> DimensionCompressor:
+        compressor = load_compressor(spec, allow_unchecked=allow_unchecked)
         return compressor.requires_grad_(False)  # no dropout or norm: train/eval mode changes nothing
 
     def _make_ema(self, decay: float) -> AveragedModel:
