@@ -217,7 +217,8 @@ def test_answer_that_hunts_for_the_pass_token_cannot_forge_a_pass(mbpp_add):
 
 def test_apps_stdin_answer_must_run_to_its_end():
     problem = _apps_problem({"inputs": ["1 2\n"], "outputs": ["3\n"], "fn_name": ""})
-    assert check_answer(problem, _code("a, b = map(int, input().split())\nprint(a + b)\nexit(0)"))  # a clean exit is fine
+    clean_exit = "a, b = map(int, input().split())\nprint(a + b)\nexit(0)"
+    assert check_answer(problem, _code(clean_exit))  # a clean exit ends a script normally
     assert not check_answer(problem, _code("print(3, flush=True)\nimport os\nos._exit(0)"))  # skips the harness
     assert not check_answer(problem, _code("import sys\nprint(3)\nsys.exit(1)"))
 

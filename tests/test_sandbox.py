@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _needs(*levels: str) -> None:
     level = sandbox.isolation().level
     if level not in levels:
-        pytest.skip(f"needs sandbox isolation {' or '.join(levels)}; this machine gives {level!r}: {sandbox.isolation().why_not_more}")
+        why = sandbox.isolation().why_not_more
+        pytest.skip(f"needs sandbox isolation {' or '.join(levels)}; this machine gives {level!r}: {why}")
 
 
 def _processes_running(marker: str) -> list[int]:
@@ -119,6 +120,7 @@ def test_background_children_are_killed_with_the_run():
 def test_a_child_that_leaves_the_session_does_not_outlive_the_run(tmp_path):
     """setsid() escapes a process-group kill; it must not escape the run (checked by its command line,
     and by a file it would keep growing wherever it may write)."""
+    _needs(sandbox.NAMESPACES_READONLY, sandbox.NAMESPACES)  # without them it survives (documented)
     marker = f"sandbox-setsid-{uuid.uuid4().hex}"
     outside = tmp_path / "ticks"
     child = (
@@ -150,9 +152,14 @@ def test_a_child_that_leaves_the_session_does_not_outlive_the_run(tmp_path):
 
 
 SNOOP = """
-import glob, os, sys
+import glob, os, subprocess, sys
 canary = sys.argv[1]
 seen = []
+for command in (["umount", "/proc"], ["umount", "-l", "/proc"]):  # try to uncover the machine's /proc
+    try:
+        subprocess.run(command, capture_output=True)
+    except OSError:
+        pass
 if canary in str(os.environ):
     seen.append("os.environ")
 paths = [f"/proc/{os.getppid()}/environ"] + glob.glob("/proc/*/environ") + glob.glob("/proc/*/task/*/environ")
@@ -243,3 +250,27 @@ def test_namespaces_without_a_read_only_view_still_isolate(monkeypatch, fresh_is
         assert sandbox.isolation().level == sandbox.NAMESPACES
     result = run_python("import os\nprint(os.getpid(), len([p for p in os.listdir('/proc') if p.isdigit()]))")
     assert result.passed and result.stdout.split() == ["1", "1"]
+
+
+def test_checked_runs_report_timeouts_and_memory_like_scripts():
+    job = {"mode": "tests", "tests": "", "entry_point": ""}
+    assert sandbox.run_checked({**job, "solution": "while True:\n    pass"}, timeout_s=1.0).status == "timeout"
+    bomb_code = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))"
+    bomb = sandbox.run_checked({**job, "solution": bomb_code}, memory_mb=256)
+    assert bomb.status == "memory" and not bomb.passed
+    crash = sandbox.run_checked({**job, "solution": "raise RuntimeError('boom')"})
+    assert crash.status == "failed" and "RuntimeError: boom" in crash.stderr
+    assert sandbox.run_checked({**job, "solution": "x = 1", "tests": "assert x == 1"}).status == "ok"
+
+
+def test_a_timed_out_run_leaves_no_process_behind():
+    _needs(sandbox.NAMESPACES_READONLY, sandbox.NAMESPACES)  # without them a setsid() child survives (documented)
+    marker = f"sandbox-timeout-{uuid.uuid4().hex}"
+    code = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)', {marker!r}])\n"
+        "while True:\n"
+        "    pass\n"
+    )
+    assert run_python(code, timeout_s=2.0).status == "timeout"
+    assert _wait_until_gone(marker, 2.0) == []

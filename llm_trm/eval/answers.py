@@ -162,7 +162,8 @@ def check_io_cases(code: str, cases: dict[str, Any], timeout_s: float) -> bool:
     Stdin/stdout cases: the program runs to its end on each case's stdin; its stdout must match
     token for token."""
     if cases.get("fn_name"):
-        job = {"mode": "calls", "solution": code, "fn_name": cases["fn_name"], "cases": list(zip(cases["inputs"], cases["outputs"]))}
+        pairs = list(zip(cases["inputs"], cases["outputs"]))
+        job = {"mode": "calls", "solution": code, "fn_name": cases["fn_name"], "cases": pairs}
         return run_checked(job, timeout_s=timeout_s).passed
     for stdin, expected in zip(cases["inputs"], cases["outputs"]):
         result = run_checked({"mode": "script", "solution": code}, stdin=_as_text(stdin), timeout_s=timeout_s)

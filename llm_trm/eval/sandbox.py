@@ -7,27 +7,29 @@ Every run, on every machine, gets:
 - resource limits: address space, CPU time, size of any file written, no core dumps;
 - its own session, killed as a whole when the run ends or times out.
 
-Where unprivileged user namespaces work (probed once per process with util-linux's `unshare`,
-`mount` and `setpriv`), every run also gets:
+Where unprivileged user namespaces work (probed once per process, with util-linux's `unshare`,
+`mount` and `setpriv`; the probe checks each promise below from inside), every run also gets:
 - a network namespace with no interface up: no network at all, loopback included;
-- a PID namespace in which the program is PID 1: it sees no other process on the machine (so it
-  cannot read the caller's environment through /proc), and every process it starts dies with it,
-  even one that calls setsid();
-- a mount namespace in which every file system is read-only except the working directory, with the
-  capabilities that could undo this dropped.
-Where they do not, runs keep only the limits above and a `SandboxIsolationWarning` says so once:
-the program can then see the user's other processes and read their environment (an HF_TOKEN
-included), reach the network, write wherever the user can, and a process that leaves its session
-outlives the run.
+- a PID namespace in which the program is PID 1: it sees no other process on the machine (so not
+  the caller's environment through /proc), and every process it starts dies with it, including
+  one that left the session with setsid();
+- a mount namespace in which every file system is read-only except the working directory (and the
+  namespace's own /proc), with the capabilities that could undo this dropped.
+If the read-only view cannot be set up, runs get the network and PID namespaces alone; if
+namespaces do not work at all, runs keep only the limits of the first list. Either way a
+`SandboxIsolationWarning` says so once. Without namespaces the program can see the user's other
+processes and read their environment (an HF_TOKEN included), reach the network, write wherever the
+user can, and a process that leaves its session outlives the run.
 
 Never isolated: the program can read every file the user can read (with namespaces it cannot send
-them anywhere, but `run_python` returns what it prints), and it shares the machine's CPUs and memory
-within the limits above.
+it anywhere, but `run_python` returns what it prints); it shares the machine's CPUs and memory
+within the limits above, and the number of processes it starts is not limited (a fork bomb lasts
+until the timeout).
 
 `run_python` runs a script and passes when it exits with status 0. Code answers are judged with
 `run_checked`, which runs `sandbox_harness.py` in the same sandbox: there a pass is a per-run
 secret token that only the harness writes, after the program and every test completed (that module
-says what this does and does not rule out). Whatever the code does, the caller gets a
+says what this rules out and what it does not). Whatever the code does, the caller gets a
 `SandboxResult`, never an exception.
 """
 
@@ -63,14 +65,37 @@ LIMITS_ONLY = "limits"
 # New user (mapped to root, so the setup below may mount), network, PID and mount namespaces; the
 # program runs as PID 1 of the new PID namespace, and dies with `unshare` (--kill-child).
 UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "--kill-child")
-# Run as root of the new namespaces before the program: give the working directory ($0) a mount of
-# its own so it stays writable (and enter that mount: the inherited cwd is the one underneath), make
-# / and every mount listed in the fstab ($1) read-only, then drop every capability so that the
-# program cannot remount anything.
-READONLY_SETUP = (
-    'mount --bind "$0" "$0" && cd "$0" && mount -o remount,bind,ro / && mount -a -T "$1" && shift'
-    ' && exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs "$@"'
-)
+# Then the program runs with no capability at all: root of its namespaces could otherwise unmount
+# the namespace's /proc (uncovering the machine's) or remount the file system writable.
+DROP_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs")
+# Run as root of the new namespaces before that: mount what the fstab ($0) lists (a bind mount of
+# the working directory onto itself, so that it stays writable, then every other writable mount
+# again, read-only), make / read-only, and enter the working directory's new mount ($1; the
+# inherited cwd is the read-only one underneath).
+READONLY_SETUP = 'mount -a -T "$0" && mount -o remount,bind,ro / && cd "$1" && shift && exec "$@"'
+# What the probe checks, in the sandbox: PID 1 of its own namespace, no capabilities, no network,
+# and (argv[1] given) a read-only file system outside its writable working directory.
+PROBE_PROGRAM = """
+import errno, os, socket, sys
+assert os.getpid() == 1, "not in a PID namespace"
+with open("/proc/self/status") as status:
+    capabilities = next(line for line in status if line.startswith("CapEff:")).split()[1]
+assert int(capabilities, 16) == 0, f"capabilities kept: {capabilities}"
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=1)
+except OSError as error:
+    assert error.errno in (errno.ENETUNREACH, errno.EADDRNOTAVAIL), f"network: {error}"
+else:
+    raise AssertionError("network reachable")
+if len(sys.argv) > 1:
+    open("writable", "w").close()
+    try:
+        open(sys.argv[1], "w").close()
+    except OSError as error:
+        assert error.errno == errno.EROFS, f"file system: {error}"
+    else:
+        raise AssertionError("file system writable outside the working directory")
+"""
 
 
 @dataclass(frozen=True)
@@ -103,9 +128,10 @@ def minimal_environment(home: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------ isolation
 
 
-def readonly_fstab() -> str:
-    """fstab lines that remount read-only every writable mount except / and /proc (done apart)."""
-    lines = []
+def readonly_fstab(workdir: str) -> str:
+    """fstab lines for `mount -a`: bind `workdir` onto itself, then remount read-only every writable
+    mount except / (remounted apart: `mount -a` skips it) and /proc (the namespace's own)."""
+    lines = [f"{_fstab_escape(workdir)} {_fstab_escape(workdir)} none bind 0 0"]
     for entry in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = entry.split()
         mount_point, options = fields[4], fields[5]  # mount points keep mountinfo's octal escapes, as fstab wants
@@ -117,32 +143,39 @@ def readonly_fstab() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fstab_escape(path: str) -> str:
+    return "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in path)
+
+
 def _isolated_command(level: str, argv: list[str], rundir: str, workdir: str) -> list[str]:
     if level == LIMITS_ONLY:
         return argv
     if level == NAMESPACES:
-        return [*UNSHARE, *argv]
+        return [*UNSHARE, *DROP_CAPABILITIES, *argv]
     fstab = os.path.join(rundir, "fstab")
     with open(fstab, "w", encoding="utf-8") as f:
-        f.write(readonly_fstab())
-    return [*UNSHARE, "sh", "-c", READONLY_SETUP, workdir, fstab, *argv]
+        f.write(readonly_fstab(workdir))
+    return [*UNSHARE, "sh", "-c", READONLY_SETUP, fstab, workdir, *DROP_CAPABILITIES, *argv]
 
 
 def _probe(level: str) -> str | None:
-    """None when a trivial program runs at `level` here, else what went wrong."""
+    """None when a program runs here at `level` and finds itself isolated as promised, else what failed."""
     if not sys.platform.startswith("linux"):
         return "namespaces need Linux"
     rundir = tempfile.mkdtemp(prefix="llm_trm_sandbox_probe_")
     try:
         workdir = os.path.join(rundir, "work")
         os.mkdir(workdir)
-        command = _isolated_command(level, [sys.executable, "-I", "-S", "-c", "pass"], rundir, workdir)
+        argv = [sys.executable, "-I", "-S", "-c", PROBE_PROGRAM]
+        if level == NAMESPACES_READONLY:
+            argv.append(os.path.join(rundir, "outside"))
+        command = _isolated_command(level, argv, rundir, workdir)
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, cwd=workdir)
         if done.returncode != 0:
             return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return None
-    except (OSError, subprocess.SubprocessError) as error:
-        return str(error)
+    except Exception as error:  # noqa: BLE001 - whatever fails here means: not at this level
+        return f"{type(error).__name__}: {error}"
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 
@@ -207,10 +240,11 @@ def _read_truncated(stream: IO[bytes]) -> str:
     return text if len(text) <= MAX_OUTPUT_CHARS else text[:MAX_OUTPUT_CHARS] + "\n...[truncated]"
 
 
-def _classify(returncode: int, timed_out: bool, stderr: str) -> str:
+def _classify(returncode: int, timed_out: bool, stderr: str, completed: bool) -> str:
+    """`completed`: what counts as success (status 0 for a script, the harness's report for an answer)."""
     if timed_out:
         return "timeout"
-    if returncode == 0:
+    if completed:
         return "ok"
     if any(marker in stderr for marker in MEMORY_ERROR_MARKERS) or returncode == -signal.SIGSEGV:
         return "memory"
@@ -290,11 +324,13 @@ def run_python(code: str, stdin: str = "", timeout_s: float = 10.0, memory_mb: i
         return SandboxResult(False, "error", None, "", f"could not start the sandbox: {error}")
     except Exception as error:  # noqa: BLE001 - the caller must never see the sandbox fail
         return SandboxResult(False, "error", None, "", f"sandbox error: {error!r}")
-    status = _classify(finished.returncode, finished.timed_out, finished.stderr)
+    status = _classify(finished.returncode, finished.timed_out, finished.stderr, finished.returncode == 0)
     return SandboxResult(status == "ok", status, finished.returncode, finished.stdout, finished.stderr)
 
 
-def run_checked(job: Mapping[str, Any], stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 512) -> SandboxResult:
+def run_checked(
+    job: Mapping[str, Any], stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 512
+) -> SandboxResult:
     """Run a `sandbox_harness` job (a code answer and its tests) in the sandbox.
 
     Passed only when the harness reported, with this run's secret token, that the program and every
@@ -319,11 +355,7 @@ def run_checked(job: Mapping[str, Any], stdin: str = "", timeout_s: float = 10.0
     except Exception as error:  # noqa: BLE001 - the caller must never see the sandbox fail
         return SandboxResult(False, "error", None, "", f"sandbox error: {error!r}")
     stderr = finished.stderr
-    if report == expected_report:
-        status = "ok"
-    else:
-        status = _classify(finished.returncode, finished.timed_out, stderr)
-        if status == "ok":
-            status = "failed"
-            stderr += "\nsandbox: no pass report: the program or its tests did not complete"
+    status = _classify(finished.returncode, finished.timed_out, stderr, report == expected_report)
+    if status != "ok":
+        stderr += "\nsandbox: no pass report: the program or its tests did not complete"
     return SandboxResult(status == "ok", status, finished.returncode, finished.stdout, stderr)

@@ -49,7 +49,8 @@ import _thread
 PRISTINE_BUILTINS = dict(builtins.__dict__)
 __builtins__ = PRISTINE_BUILTINS
 
-SOLUTION_MODULE = "__solution__"  # not __main__, as in HumanEval's harness: `if __name__ == "__main__"` blocks do not run
+# Answers checked by tests are imported, not run, as HumanEval's harness does: `if __name__ == "__main__"` stays out.
+SOLUTION_MODULE = "__solution__"
 MAX_REPR = 200
 
 REFUSED_EVENTS = frozenset(
@@ -206,7 +207,8 @@ def plain(value, lists_for_tuples=False):
     if converted is not None:
         return plain(converted[0], lists_for_tuples)
     if TYPE_FLAGS.__get__(kind, type) & HEAP_TYPE or lists_for_tuples:
-        raise TypeError(f"the answer returned an instance of {type.__dict__['__name__'].__get__(kind, type)}, not a plain value")
+        name = type.__dict__["__name__"].__get__(kind, type)
+        raise TypeError(f"the answer returned an instance of {name}, not a plain value")
     return value
 
 
@@ -317,7 +319,8 @@ def prepare(job: dict):
                 for index, (args, expected) in enumerate(cases):
                     result = plain(target(*args), lists_for_tuples=True)
                     if not (result == expected or [result] == expected):
-                        raise AssertionError(f"case {index}: expected {expected!r:.{MAX_REPR}}, got {result!r:.{MAX_REPR}}")
+                        got, wanted = f"{result!r:.{MAX_REPR}}", f"{expected!r:.{MAX_REPR}}"
+                        raise AssertionError(f"case {index}: expected {wanted}, got {got}")
             finally:
                 _flush(streams)
 
