@@ -160,6 +160,23 @@ def test_answer_that_tampers_with_the_tests_is_wrong(mbpp_add):
     assert not check_answer(mbpp_add, _code(hides_failures))
 
 
+def test_answer_that_patches_or_shadows_a_module_the_tests_use_is_wrong():
+    row = {
+        "text": "Write a function to find the area of a circle.",
+        "code": "import math\ndef circle_area(r):\n    return math.pi * r * r",
+        "test_list": ["assert math.isclose(circle_area(10), 314.159, rel_tol=0.001)"],  # relies on the answer's import
+        "test_setup_code": "",
+    }
+    problem = Problem(sample_id="mbpp:2", dataset="mbpp", index=2, **convert_mbpp(row))
+    assert check_answer(problem, _code(row["code"]))
+    patched = "import math\nmath.isclose = lambda *a, **k: True\ndef circle_area(r):\n    return 0"
+    assert not check_answer(problem, _code(patched))
+    shadowed = "class math:\n    isclose = staticmethod(lambda *a, **k: True)\ndef circle_area(r):\n    return 0"
+    assert not check_answer(problem, _code(shadowed))
+    patched_late = "import math\ndef circle_area(r):\n    math.isclose = lambda *a, **k: True\n    return 0"
+    assert not check_answer(problem, _code(patched_late))
+
+
 FORGER = r"""
 import gc, glob, os, re, signal, sys
 found = set()

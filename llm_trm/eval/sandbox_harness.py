@@ -24,14 +24,16 @@ Why the answer cannot write the report itself:
   sys.settrace/setprofile, further audit hooks, new code objects, ctypes and every module outside
   the standard library, /proc/*/mem and /proc/*/environ, starting processes, signalling other
   processes, sockets.
-- The harness decides: any exception from the answer or the tests (SystemExit included) fails;
-  the tests run with a copy of the builtins taken before the answer ran, so patching `builtins`
-  does not reach them; in "tests" mode the helpers of the trusted prompt stub are restored for the
-  tests and the entry point's results are checked to be plain values (an object that compares
-  equal to everything is refused); in "calls" mode the harness compares plain values itself.
+- The harness decides: any exception from the answer or the tests (SystemExit included) fails.
+  In "tests" mode the tests see the builtins and the standard-library modules they name (`math`
+  for `math.isclose`) as they were before the answer ran, the trusted prompt stub's helpers rather
+  than the answer's versions of them, and the entry point's results only once checked to be plain
+  values (an object that compares equal to everything is refused); in "calls" mode the harness
+  compares plain values itself.
 Not covered: an answer that corrupts the interpreter's memory (a CPython bug, crafted bytecode)
-could read the token; an answer that patches a library module its tests use (`math.isclose`)
-changes what those tests compute. Answers may import only the standard library.
+could read the token; an answer can still change what a test computes through objects the test
+hands it, or through functions of a Python-level module that the test calls. Answers may import
+only the standard library.
 """
 
 import builtins
@@ -89,6 +91,8 @@ ALLOWED_MODULES = frozenset(sys.stdlib_module_names)
 # Standard-library modules that read raw memory or start processes without an audit event.
 REFUSED_MODULES = frozenset({"ctypes", "_ctypes", "_ctypes_test", "_posixsubprocess"})
 REFUSED_MODULE_PREFIXES = ("_test", "_xx", "xx")
+# Standard-library modules whose import does something (prints, opens a browser or a window).
+UNIMPORTED_MODULES = frozenset({"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "test"})
 TYPE_FLAGS = type.__dict__["__flags__"]
 HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class written in Python (C types cannot be patched)
 WHOLE = slice(None)
@@ -256,6 +260,45 @@ def _compile(source: str, filename: str):
     return compile(source, filename, "exec", dont_inherit=True, optimize=0)
 
 
+def _names(code) -> set:
+    """Every global, attribute and imported name a code object (and those nested in it) uses."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names(constant)
+    return names
+
+
+def module_snapshots(tests) -> dict:
+    """Copies, taken before the answer runs, of the standard-library modules the tests name, so
+    that an answer that patches or shadows one (`math.isclose = ...`, `class math: ...`) does not
+    change what the tests compute."""
+    snapshots = {}
+    for name in _names(tests):
+        if name not in ALLOWED_MODULES or name in UNIMPORTED_MODULES or _module_refused(name):
+            continue
+        try:
+            module = __import__(name)
+        except Exception:  # noqa: BLE001 - not a module the tests need, then
+            continue
+        snapshot = types.ModuleType(name)
+        snapshot.__dict__.update(module.__dict__)
+        snapshots[name] = snapshot
+    return snapshots
+
+
+def tests_builtins(snapshots: dict) -> dict:
+    """Builtins for the tests: the copy taken before the answer ran, importing `snapshots` by name."""
+    real_import = PRISTINE_BUILTINS["__import__"]
+
+    def import_for_tests(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name in snapshots:
+            return snapshots[name]
+        return real_import(name, globals, locals, fromlist, level)
+
+    return {**PRISTINE_BUILTINS, "__import__": import_for_tests}
+
+
 def prepare(job: dict):
     """Compile everything and build the function the worker runs; nothing of the answer runs yet."""
     mode = job["mode"]
@@ -284,13 +327,15 @@ def prepare(job: dict):
         trusted = {"__builtins__": dict(PRISTINE_BUILTINS)}  # its helpers keep clean builtins too
         exec(_compile(job.get("trusted") or "", "prompt.py"), trusted)
         helpers = {name: value for name, value in trusted.items() if name != entry_point and not name.startswith("__")}
+        snapshots = module_snapshots(tests)
         namespace = _module(SOLUTION_MODULE)
 
         def run_tests():
             try:
                 exec(solution, namespace)
                 scope = dict(namespace)
-                scope["__builtins__"] = dict(PRISTINE_BUILTINS)
+                scope["__builtins__"] = tests_builtins(snapshots)
+                scope.update(snapshots)
                 scope.update(helpers)
                 if entry_point:
                     if entry_point not in scope:
