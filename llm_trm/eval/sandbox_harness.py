@@ -91,8 +91,14 @@ ALLOWED_MODULES = frozenset(sys.stdlib_module_names)
 # Standard-library modules that read raw memory or start processes without an audit event.
 REFUSED_MODULES = frozenset({"ctypes", "_ctypes", "_ctypes_test", "_posixsubprocess"})
 REFUSED_MODULE_PREFIXES = ("_test", "_xx", "xx")
-# Standard-library modules whose import does something (prints, opens a browser or a window).
-UNIMPORTED_MODULES = frozenset({"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "test"})
+# Modules that tests use by name and that the harness may import for them before the answer runs
+# (none of them loads a refused module as a side effect).
+TEST_MODULES = frozenset(
+    {
+        "array", "bisect", "cmath", "collections", "copy", "datetime", "decimal", "fractions", "functools",
+        "heapq", "itertools", "json", "math", "operator", "random", "re", "statistics", "string", "typing",
+    }
+)
 TYPE_FLAGS = type.__dict__["__flags__"]
 HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class written in Python (C types cannot be patched)
 WHOLE = slice(None)
@@ -150,7 +156,10 @@ def make_guard(own_pid: int):
         if event == "sys.addaudithook":
             raise RuntimeError("sandbox: no further audit hooks")  # CPython then silently skips the new hook
         if event == "import" and _import_refused(args):
-            raise ImportError(f"sandbox: code answers may import only the standard library, not {args[0]!s:.80}")
+            raise ImportError(
+                f"sandbox: code answers may not import {args[0]!s:.80} (only the standard library, "
+                "without the modules that read memory or start processes)"
+            )
         if event == "open" and _open_refused(args[0]):
             raise PermissionError(f"sandbox: opening {args[0]!r:.80} is not allowed to code answers")
         if event == "os.kill" and args[0] != own_pid:
@@ -270,17 +279,12 @@ def _names(code) -> set:
 
 
 def module_snapshots(tests) -> dict:
-    """Copies, taken before the answer runs, of the standard-library modules the tests name, so
-    that an answer that patches or shadows one (`math.isclose = ...`, `class math: ...`) does not
+    """Copies, taken before the answer runs, of the common standard-library modules the tests name,
+    so that an answer that patches or shadows one (`math.isclose = ...`, `class math: ...`) does not
     change what the tests compute."""
     snapshots = {}
-    for name in _names(tests):
-        if name not in ALLOWED_MODULES or name in UNIMPORTED_MODULES or _module_refused(name):
-            continue
-        try:
-            module = __import__(name)
-        except Exception:  # noqa: BLE001 - not a module the tests need, then
-            continue
+    for name in _names(tests) & TEST_MODULES:
+        module = __import__(name)
         snapshot = types.ModuleType(name)
         snapshot.__dict__.update(module.__dict__)
         snapshots[name] = snapshot
