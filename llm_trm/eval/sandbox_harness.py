@@ -14,10 +14,12 @@ answer that exits early (sys.exit, os._exit, a signal), crashes, raises SystemEx
 or prints something that looks like a verdict leaves no report and fails.
 
 Why the answer cannot write the report itself:
-- The token lives only in the main thread's frame. The answer and its tests run in a worker thread.
-  The one route to another frame that CPython does not audit is a signal handler (it receives the
-  interrupted frame), and handlers run in, and can be installed from, the main thread only; the
-  main thread ignores SIGINT and, once the worker starts, runs only calls it bound beforehand.
+- The answer and its tests run in a worker thread, which holds the token (and the harness's code)
+  in its own frame, below the answer's. The one route to a frame that CPython does not audit is a
+  signal handler (it receives the interrupted frame), and handlers are installed from, and run in,
+  the main thread only: the main thread ignores SIGINT, starts the worker and then blocks for good
+  on a lock nobody can release, never running Python again. The worker writes the report (or not)
+  and ends the process with os._exit, skipping atexit handlers and the answer's threads.
 - An audit hook, installed before the answer runs (it cannot be removed), refuses the audited
   routes to frames, objects, memory and the outside: sys._getframe, sys._current_frames,
   tracebacks' and generators' frames, gc.get_objects/get_referrers/get_referents,
@@ -393,14 +395,18 @@ def report_failure(error: BaseException) -> None:
         os.write(2, b"the answer or its tests failed\n")
 
 
-def worker(stages, outcome: list, done) -> None:
+def worker(stages, report_fd: int, report: bytes, write, leave) -> None:
+    """Runs the answer and its tests; writes the report if they all completed; ends the process."""
+    passed = False
     try:
         stages()
-        outcome[0] = True
+        passed = True
     except BaseException as error:  # noqa: BLE001 - every failure of the answer is a failed test
         report_failure(error)
     finally:
-        done.release()
+        if passed:
+            write(report_fd, report)
+        leave(0)  # skips atexit handlers and whatever threads the answer left running
 
 
 def main() -> None:
@@ -408,25 +414,21 @@ def main() -> None:
     with open(job_fd, "rb") as job_file:
         job = json.loads(job_file.read())
     report = job.pop("token").encode("ascii") + b"\n"
-    write, leave = os.write, os._exit  # bound now: after the answer starts, nothing is looked up
     # `exit()` and `quit()` come from `site`, which this interpreter does not load (-S); programs use them.
     builtins.exit = builtins.quit = sys.exit
     try:
         stages = prepare(job)
     except SyntaxError as error:
         os.write(2, "".join(traceback.format_exception_only(type(error), error)).encode("utf-8", "replace"))
-        leave(1)
-    del job
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no Python-level signal handler remains
-    done = _thread.allocate_lock()
-    done.acquire()
-    outcome = [False]
     sys.addaudithook(make_guard(os.getpid()))
-    _thread.start_new_thread(worker, (stages, outcome, done))
-    done.acquire()
-    if outcome[0] is True:
-        write(report_fd, report)
-    leave(0)  # skips atexit handlers and the answer's remaining threads
+    _thread.start_new_thread(worker, (stages, report_fd, report, os.write, os._exit))
+    del job, stages, report
+    # The main thread never runs Python again, so nothing can install or run a signal handler here.
+    never = _thread.allocate_lock()
+    never.acquire()
+    never.acquire()
 
 
 if __name__ == "__main__":
