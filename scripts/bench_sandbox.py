@@ -19,7 +19,7 @@ from llm_trm.eval import sandbox  # noqa: E402
 
 RUNS = 20
 SCRIPT = "import os\nprint(os.getpid())"
-JOB = {"mode": "tests", "solution": "def add(a, b):\n    return a + b", "tests": "assert add(1, 2) == 3", "entry_point": "add"}
+JOB = {"mode": "tests", "solution": "def add(a, b):\n    return a + b", "tests": "assert add(1, 2) == 3"}
 LEVELS = {
     sandbox.LIMITS_ONLY: "rlimits, own session, minimal environment",
     sandbox.NAMESPACES: "+ no network, own PID namespace, no capabilities",
