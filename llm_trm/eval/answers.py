@@ -4,7 +4,7 @@ Math answers are compared with math-verify (symbolic equivalence, so "0.5" and
 "\\frac{1}{2}" match); code answers run against the problem's tests in the sandbox, through
 `run_checked`: the answer runs first, then the harness runs the tests itself, and only its report,
 signed with a per-run secret, counts as a pass (an answer that exits early or prints a fake verdict
-fails).
+fails). Code answers may import only the standard library.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def _as_text(value: Any) -> str:
 
 def check_io_cases(code: str, cases: dict[str, Any], timeout_s: float) -> bool:
     """Call-based cases: the harness calls the named function (or Solution method) and compares.
-    Stdin/stdout cases: the program runs to its end on each case's stdin; its stdout must match
-    token for token."""
+    Stdin/stdout cases: on each case's stdin the program must run to its end (`exit(0)` ends it;
+    `os._exit` skips the harness and fails) and print the expected output, token for token."""
     if cases.get("fn_name"):
         pairs = list(zip(cases["inputs"], cases["outputs"]))
         job = {"mode": "calls", "solution": code, "fn_name": cases["fn_name"], "cases": pairs}
