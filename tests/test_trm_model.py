@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llm_trm.models.trm import SequenceTRM, TinyRecursiveNetwork, TRMState
 
@@ -340,3 +343,38 @@ def test_normalization_buffers_standardise_inputs_and_rescale_predictions(tmp_pa
     loaded = SequenceTRM.from_pretrained(tmp_path)
     assert bool(loaded.normalization_fitted) and torch.equal(loaded.target_scale, spread)
     torch.testing.assert_close(loaded(x * 3.0 + offset, mask, halt=False).prediction, shifted)
+
+
+# ------------------------------------------------------------ m = 1 is today's model
+
+M1_REFERENCE = Path(__file__).resolve().parent / "data" / "trm_m1_reference.safetensors"
+
+
+def m1_reference_outputs() -> dict[str, torch.Tensor]:
+    """A fixed-seed m = 1 SequenceTRM (normalised, with a halt head that stops some samples early): its
+    forward with halting, every step's prediction, and the gradient of a loss through the last step."""
+    trm = make_trm(seed=11, use_positions=True, n_supervision_steps=4)
+    generator = torch.Generator().manual_seed(12)
+    trm.set_normalization(torch.randn(D, generator=generator), 1.7, torch.randn(D, generator=generator),
+                          torch.rand(D, generator=generator) + 0.5)
+    with torch.no_grad():
+        trm.halt_head.weight.normal_(std=1.0, generator=generator)
+        trm.halt_head.bias.fill_(-5.0)  # samples 1 and 4 halt at step 1, the others run all 4
+    x, mask = right_padded([5, 2, 7, 3, 4], seed=13)
+    out = trm.train()(x, mask)
+    (out.prediction.pow(2).mean() + out.halt_logit.sigmoid().mean()).backward()
+    values = {"prediction": out.prediction.detach(), "halt_logit": out.halt_logit.detach(),
+              "steps_used": out.steps_used, "step_predictions": torch.stack(out.step_predictions)}
+    values.update({f"grad.{name}": p.grad for name, p in trm.named_parameters()})
+    values["grad.net.positions.weight"] = values["grad.net.positions.weight"][: x.shape[1] + 1]  # the rows used
+    return values
+
+
+def test_one_reasoning_token_is_bit_for_bit_the_model_before_m_states():
+    """The outputs and gradients saved from main before `n_reasoning_tokens` existed (same seed, same CPU
+    kernels): m = 1 must not change a bit."""
+    expected = load_file(str(M1_REFERENCE))
+    actual = m1_reference_outputs()
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name

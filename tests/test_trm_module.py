@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import load_file
 
 from llm_trm.cli import LLMTRMCLI
 from llm_trm.data.shards import HiddenPairDataModule, ShardWriter, collate_hidden_pairs
@@ -672,3 +673,29 @@ def test_two_process_ddp_cpu_run(shards, compressor_dir, tmp_path):
     metrics = json.loads((exported[0].parent / "metrics.json").read_text())
     assert metrics["selection"]["source"] == "best checkpoint" and metrics["selection"]["monitor"] == "val/loss"
     assert all(math.isfinite(v) for v in metrics["splits"]["val"]["model"].values())
+
+
+# --------------------------------------------------------------------------- m reasoning tokens
+
+M1_TRAINING_REFERENCE = REPO_ROOT / "tests" / "data" / "trm_module_m1_reference.safetensors"
+
+
+def m1_training_values(shards: Path, compressor_dir: Path) -> dict[str, torch.Tensor]:
+    """Two epochs of an m = 1 TRMModule on the tiny shards: every batch's loss, the last validation's logged
+    metrics and the validation baselines."""
+    module, recorder = make_module(compressor_dir), RecordOutputs()
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder])
+    trainer.fit(module, make_data(shards))
+    values = {"losses": torch.tensor(recorder.losses(), dtype=torch.float64)}
+    values.update({tag: value.detach().double().reshape(()) for tag, value in trainer.callback_metrics.items()
+                   if tag.startswith(("val/", "baseline/"))})
+    return values
+
+
+def test_one_reasoning_token_trains_bit_for_bit_as_before_m_states(shards, compressor_dir):
+    """Losses, validation metrics and baselines saved from main before `n_reasoning_tokens` existed."""
+    expected = load_file(str(M1_TRAINING_REFERENCE))
+    actual = m1_training_values(shards, compressor_dir)
+    assert sorted(actual) == sorted(expected)  # no new metric names at m = 1
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), (name, actual[name], value)
