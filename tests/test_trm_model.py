@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,99 @@ def test_one_reasoning_token_is_bit_for_bit_the_model_before_m_states():
     assert sorted(actual) == sorted(expected)
     for name, value in expected.items():
         assert torch.equal(actual[name], value), name
+
+
+# ------------------------------------------------------------ m reasoning tokens
+
+M = 4
+
+
+def test_m_reasoning_tokens_are_written_after_each_prompt_and_predicted_per_state():
+    trm = make_trm(n_reasoning_tokens=M)
+    assert trm.reasoning_token.shape == (M, D) and trm.prediction_shape == (M, D)
+    lengths = [3, 1, 5]
+    x, mask = right_padded(lengths)
+    state = trm.initial_state(x, mask)
+    assert state.x_aug.shape == state.y.shape == (3, 5 + M, D)
+    assert state.reasoning_index.tolist() == lengths
+    assert state.mask_aug.sum(dim=1).tolist() == [length + M for length in lengths]
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(state.x_aug[row, length : length + M], trm.reasoning_token.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(state.x_aug[row, :length], x[row, :length], atol=0, rtol=0)
+        assert (state.x_aug[row, length + M :] == 0).all()
+    with torch.no_grad():
+        new_state, prediction, halt_logit = trm.deep_recursion(state)
+        out = trm(x, mask, halt=False)
+    assert prediction.shape == out.prediction.shape == (3, M, D) and halt_logit.shape == (3,)
+    assert len(out.step_predictions) == SMALL["n_supervision_steps"]
+    assert all(p.shape == (3, M, D) for p in out.step_predictions)
+    for row, length in enumerate(lengths):  # y at the m reasoning positions, in order
+        torch.testing.assert_close(prediction[row], new_state.y[row, length : length + M], atol=0, rtol=0)
+    # one halt decision per sample, from the mean of its reasoning tokens' states
+    torch.testing.assert_close(halt_logit, trm.halt_head(prediction.mean(1)).squeeze(-1), atol=1e-6, rtol=0)
+    # the m predictions differ (each token has its own vector)
+    assert (prediction[:, 0] - prediction[:, 1]).abs().max() > 1e-3
+
+
+def test_m_tokens_padded_batch_matches_each_sample_alone_with_halting():
+    trm = make_trm(n_reasoning_tokens=M, use_positions=True, n_supervision_steps=4)
+    with torch.no_grad():
+        trm.halt_head.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(4))
+        trm.halt_head.bias.fill_(-1.0)
+    lengths = [5, 2, 7, 0]
+    x, mask = right_padded(lengths)
+    with torch.no_grad():
+        batch_out = trm(x, mask)
+        for row, length in enumerate(lengths):
+            alone = trm(x[row : row + 1, :length], mask[row : row + 1, :length])
+            torch.testing.assert_close(batch_out.prediction[row : row + 1], alone.prediction, atol=1e-5, rtol=0)
+            assert batch_out.steps_used[row] == alone.steps_used[0]
+    assert len(set(batch_out.steps_used.tolist())) > 1  # some samples halted before others
+
+
+def test_m_tokens_target_normalisation_is_per_state():
+    torch.manual_seed(0)
+    trm = SequenceTRM(8, n_layers=1, n_heads=2, n_latent_steps=1, n_deep_recursions=1, n_supervision_steps=1,
+                      n_reasoning_tokens=3)
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    plain = trm(x, mask, halt=False)
+    mean = torch.arange(24.0).view(3, 8)
+    scale = torch.linspace(0.5, 2.0, 24).view(3, 8)
+    trm.set_normalization(input_mean=torch.zeros(8), input_scale=1.0, target_mean=mean, target_scale=scale)
+    normalised = trm(x, mask, halt=False)
+    torch.testing.assert_close(normalised.prediction, plain.prediction * scale + mean, atol=1e-4, rtol=1e-5)
+    # the halt head reads normalised states: the target statistics do not move it
+    torch.testing.assert_close(normalised.halt_logit, plain.halt_logit)
+
+
+def test_m_tokens_forward_carries_one_step_of_gradient_to_every_token():
+    trm = make_trm(n_reasoning_tokens=M).train()
+    x, mask = right_padded([4, 6])
+    with torch.no_grad():
+        reference = trm(x, mask)
+    out = trm(x, mask)
+    torch.testing.assert_close(out.prediction, reference.prediction, atol=1e-6, rtol=0)
+    (out.prediction.pow(2).mean() + out.halt_logit.sigmoid().mean()).backward()
+    assert (trm.reasoning_token.grad.abs().sum(1) > 0).all()  # each of the m tokens learns
+
+
+def test_m_tokens_export_records_m_and_old_exports_load_as_one(tmp_path):
+    trm = make_trm(n_reasoning_tokens=M)
+    folder = trm.save_pretrained(tmp_path / "m4")
+    assert json.loads((folder / "config.json").read_text())["n_reasoning_tokens"] == M
+    loaded = SequenceTRM.from_pretrained(folder)
+    assert loaded.n_reasoning_tokens == M and loaded.config() == trm.config()
+    x, mask = right_padded([3, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, mask).prediction, trm(x, mask).prediction)
+    # an export written before m existed has no n_reasoning_tokens: it is the one-token model
+    old = make_trm().save_pretrained(tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    del config["n_reasoning_tokens"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert SequenceTRM.from_pretrained(old).n_reasoning_tokens == 1
+
+
+def test_n_reasoning_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="n_reasoning_tokens must be at least 1"):
+        SequenceTRM(D, n_reasoning_tokens=0)

@@ -1,8 +1,8 @@
 """SequenceTRM: a tiny recursive model that reasons over compressed hidden states.
 
 The input is a right-padded batch of compressed prompt states [B, L, D'] with a
-mask. A learnable reasoning token is written right after each sample's last real
-token; the model then refines an answer state `y` and a latent state `z` with one
+mask. m learnable reasoning tokens (`n_reasoning_tokens`, default 1) are written
+right after each sample's last real token; the model then refines an answer state `y` and a latent state `z` with one
 small transformer (`TinyRecursiveNetwork`), as in the TRM paper:
 
     latent recursion:   n times  z <- net(x + y + z);   then  y <- net(y + z)
@@ -10,8 +10,10 @@ small transformer (`TinyRecursiveNetwork`), as in the TRM paper:
     supervision steps:  up to N_sup deep recursions; the caller detaches y, z
                         between steps and a halt head decides when to stop
 
-The prediction is `y` at the reasoning token: the compressed state at the closing
-think tag. Pure torch; training logic lives in the LightningModules.
+The prediction is `y` at the reasoning tokens: with m = 1, [B, D'], the compressed
+state at the closing think tag; with m > 1, [B, m, D'], the states of the last m
+thinking positions (ending at the closing tag, as datagen's `post_states`). Pure
+torch; training logic lives in the LightningModules.
 """
 
 from __future__ import annotations
@@ -181,11 +183,11 @@ class TRMState:
     """The carry of a SequenceTRM between deep recursions.
 
     x, mask:          the caller's input [B, L, D'] and right-padding mask [B, L]
-    x_aug, mask_aug:  input with the reasoning token written at `reasoning_index`,
-                      [B, L+1, D'] and [B, L+1]; rebuilt by every deep recursion
-                      from `x` so the current reasoning-token value is used
-    reasoning_index:  [B] position of the reasoning token (= each sample's length)
-    y, z:             answer and latent states [B, L+1, D']
+    x_aug, mask_aug:  input with the m reasoning tokens written from `reasoning_index` on,
+                      [B, L+m, D'] and [B, L+m]; rebuilt by every deep recursion
+                      from `x` so the current reasoning-token values are used
+    reasoning_index:  [B] position of the first reasoning token (= each sample's length)
+    y, z:             answer and latent states [B, L+m, D']
     """
 
     x: Tensor
@@ -218,11 +220,12 @@ _STATE_FIELDS = ("x", "mask", "x_aug", "mask_aug", "reasoning_index", "y", "z")
 class TRMOutput:
     """What `SequenceTRM.forward` returns.
 
-    prediction:       [B, D'] y at the reasoning token, frozen at the step a sample halted
+    prediction:       y at the reasoning tokens, frozen at the step a sample halted:
+                      [B, D'] with one reasoning token, [B, m, D'] with m > 1
     halt_logit:       [B] the halt logit at that step; halt_prob = sigmoid(halt_logit)
     steps_used:       [B] int64, supervision steps each sample ran (1..N_sup)
-    step_predictions: one [B, D'] tensor per step run; a halted sample repeats its
-                      frozen prediction
+    step_predictions: one prediction-shaped tensor per step run; a halted sample
+                      repeats its frozen prediction
     """
 
     prediction: Tensor
@@ -235,7 +238,12 @@ class TRMOutput:
 class SequenceTRM(PretrainedMixin, nn.Module):
     """Tiny recursive reasoning over a variable-length compressed sequence.
 
-    Initial state: y starts as the augmented input x_aug (so the answer state at the
+    Reasoning tokens: m of them (`n_reasoning_tokens`), one learnable vector each, written
+    after the prompt; y at those m positions is the prediction ([B, D'] for m = 1, exactly
+    the single-token model, [B, m, D'] for m > 1). The halt head reads the mean of their
+    normalised states, so halting stays one decision per sample.
+
+    Initial state: y starts as the augmented input x_aug (so the answer state at a
     reasoning token starts as the reasoning token itself) and z starts at zero.
     Neither is learned: with T > 1 the first recursions run without gradient, so a
     learned init would never receive one.
@@ -246,7 +254,8 @@ class SequenceTRM(PretrainedMixin, nn.Module):
     output has RMS 1 per dimension. Buffers hold the training statistics, set once by
     the trainer (`set_normalization`) and saved with the weights: inputs are shifted and
     scaled on the way in, the prediction is mapped back to compressed-state units on the
-    way out. Untouched, the buffers are the identity.
+    way out (per target state when m > 1: `target_mean` and `target_scale` are [m, D']).
+    Untouched, the buffers are the identity.
     """
 
     model_type = "sequence_trm"
@@ -264,6 +273,7 @@ class SequenceTRM(PretrainedMixin, nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         max_positions: int = 4096,
+        n_reasoning_tokens: int = 1,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -271,6 +281,7 @@ class SequenceTRM(PretrainedMixin, nn.Module):
             n_latent_steps=n_latent_steps,
             n_deep_recursions=n_deep_recursions,
             n_supervision_steps=n_supervision_steps,
+            n_reasoning_tokens=n_reasoning_tokens,
         )
         self.d_compressed = d_compressed
         self.n_layers = n_layers
@@ -282,9 +293,11 @@ class SequenceTRM(PretrainedMixin, nn.Module):
         self.mlp_ratio = mlp_ratio
         self.dropout = dropout
         self.max_positions = max_positions
+        self.n_reasoning_tokens = n_reasoning_tokens
         self.metadata: dict[str, Any] = {}
 
-        self.reasoning_token = nn.Parameter(torch.empty(d_compressed))
+        # [D'] for one token (the layout of exports made before m existed), [m, D'] for m
+        self.reasoning_token = nn.Parameter(torch.empty(self.prediction_shape))
         # one network updates both z and y, as in the TRM paper
         self.net = TinyRecursiveNetwork(
             d_compressed,
@@ -293,14 +306,14 @@ class SequenceTRM(PretrainedMixin, nn.Module):
             mlp_ratio=mlp_ratio,
             dropout=dropout,
             use_positions=use_positions,
-            # the reasoning token adds one position
-            max_positions=max_positions + 1,
+            # the reasoning tokens add m positions
+            max_positions=max_positions + n_reasoning_tokens,
         )
         self.halt_head = nn.Linear(d_compressed, 1)
         self.register_buffer("input_mean", torch.zeros(d_compressed))
         self.register_buffer("input_scale", torch.ones(()))
-        self.register_buffer("target_mean", torch.zeros(d_compressed))
-        self.register_buffer("target_scale", torch.ones(d_compressed))
+        self.register_buffer("target_mean", torch.zeros(self.prediction_shape))
+        self.register_buffer("target_scale", torch.ones(self.prediction_shape))
         self.register_buffer("normalization_fitted", torch.zeros((), dtype=torch.bool))
         self.reset_parameters()
 
@@ -310,10 +323,18 @@ class SequenceTRM(PretrainedMixin, nn.Module):
         nn.init.trunc_normal_(self.halt_head.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
         nn.init.constant_(self.halt_head.bias, HALT_BIAS_INIT)
 
+    @property
+    def prediction_shape(self) -> tuple[int, ...]:
+        """One sample's prediction: (D',) with one reasoning token, (m, D') with m > 1."""
+        if self.n_reasoning_tokens == 1:
+            return (self.d_compressed,)
+        return (self.n_reasoning_tokens, self.d_compressed)
+
     @torch.no_grad()
     def set_normalization(self, input_mean: Tensor, input_scale: Tensor | float, target_mean: Tensor,
                           target_scale: Tensor) -> None:
-        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std [D'] of the targets.
+        """Training statistics: token mean [D'] and scalar spread of the inputs; mean and std of the targets,
+        [D'] or, with m > 1, [m, D'] (one per target state; a [D'] one serves every state).
 
         Non-finite statistics (NaN/inf in the training states) are refused: they would make every
         prediction non-finite, and they are saved with the weights.
@@ -344,29 +365,31 @@ class SequenceTRM(PretrainedMixin, nn.Module):
             "mlp_ratio": self.mlp_ratio,
             "dropout": self.dropout,
             "max_positions": self.max_positions,
+            "n_reasoning_tokens": self.n_reasoning_tokens,
         }
 
     # ------------------------------------------------------------------ input
 
     def augment(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write the reasoning token after each sample's last real token.
+        """Write the m reasoning tokens after each sample's last real token.
 
-        x [B, L, D'] right-padded, mask [B, L] -> x_aug [B, L+1, D'] (padding zeroed),
-        mask_aug [B, L+1] (positions 0..L_i real), reasoning_index [B] (= L_i).
+        x [B, L, D'] right-padded, mask [B, L] -> x_aug [B, L+m, D'] (padding zeroed),
+        mask_aug [B, L+m] (positions 0..L_i+m-1 real), reasoning_index [B] (= L_i, the first token's).
         """
+        m = self.n_reasoning_tokens
         x = x.to(self.reasoning_token.dtype)  # stored states are bf16; compute in the model's dtype
         x = (x - self.input_mean.to(x.dtype)) / self.input_scale.to(x.dtype)
         mask = mask.bool()
         lengths = mask.sum(dim=1)
-        positions = torch.arange(x.shape[1] + 1, device=x.device)
-        if not torch.equal(mask, positions[None, :-1] < lengths[:, None]):
+        positions = torch.arange(x.shape[1] + m, device=x.device)
+        if not torch.equal(mask, positions[None, : x.shape[1]] < lengths[:, None]):
             raise ValueError(
                 "SequenceTRM expects right-padded input: each mask row must read True...True False...False."
             )
-        mask_aug = positions[None, :] <= lengths[:, None]
-        is_reasoning = positions[None, :] == lengths[:, None]
-        padded = F.pad(x * mask[..., None].to(x.dtype), (0, 0, 0, 1))
-        x_aug = torch.where(is_reasoning[..., None], self.reasoning_token, padded)
+        mask_aug = positions[None, :] < lengths[:, None] + m
+        x_aug = F.pad(x * mask[..., None].to(x.dtype), (0, 0, 0, m))
+        for slot, token in enumerate(self.reasoning_token.view(m, -1)):
+            x_aug = torch.where((positions[None, :] == lengths[:, None] + slot)[..., None], token, x_aug)
         return x_aug, mask_aug, lengths
 
     def initial_state(self, x: Tensor, mask: Tensor) -> TRMState:
@@ -387,8 +410,8 @@ class SequenceTRM(PretrainedMixin, nn.Module):
     def deep_recursion(self, state: TRMState) -> tuple[TRMState, Tensor, Tensor]:
         """One supervision step: T latent recursions, only the last with gradient.
 
-        Returns (new state, prediction [B, D'], halt_logit [B]). The new state's y
-        and z are NOT detached; call `state.detach()` before the next step.
+        Returns (new state, prediction [B, D'] or [B, m, D'], halt_logit [B]). The new
+        state's y and z are NOT detached; call `state.detach()` before the next step.
         """
         x_aug, mask_aug, _ = self.augment(state.x, state.mask)
         y, z = state.y, state.z
@@ -397,16 +420,19 @@ class SequenceTRM(PretrainedMixin, nn.Module):
                 y, z = self.latent_recursion(x_aug, y, z, mask_aug)
         y, z = self.latent_recursion(x_aug, y, z, mask_aug)
         normalized = self.read_prediction(y, state.reasoning_index)
-        halt_logit = self.halt_head(normalized).squeeze(-1)
+        # one halt decision per sample: from the mean of its reasoning tokens' states when m > 1
+        halt_logit = self.halt_head(normalized if normalized.ndim == 2 else normalized.mean(1)).squeeze(-1)
         prediction = normalized * self.target_scale.to(normalized.dtype) + self.target_mean.to(normalized.dtype)
         new_state = replace(state, x_aug=x_aug, mask_aug=mask_aug, y=y, z=z)
         return new_state, prediction, halt_logit
 
-    @staticmethod
-    def read_prediction(y: Tensor, reasoning_index: Tensor) -> Tensor:
-        """y [B, L+1, D'] at each sample's reasoning token -> [B, D']."""
+    def read_prediction(self, y: Tensor, reasoning_index: Tensor) -> Tensor:
+        """y [B, L+m, D'] at each sample's reasoning tokens -> [B, D'] (m = 1) or [B, m, D']."""
         rows = torch.arange(y.shape[0], device=y.device)
-        return y[rows, reasoning_index]
+        if self.n_reasoning_tokens == 1:
+            return y[rows, reasoning_index]
+        slots = torch.arange(self.n_reasoning_tokens, device=y.device)
+        return y[rows[:, None], reasoning_index[:, None] + slots]
 
     # -------------------------------------------------------------- halting and inference
 
@@ -438,7 +464,7 @@ class SequenceTRM(PretrainedMixin, nn.Module):
             state = self.initial_state(x, mask)
             last_entered = state  # each sample's carry before the last step it ran
             batch = state.batch_size()
-            prediction = state.x_aug.new_zeros(batch, self.d_compressed)
+            prediction = state.x_aug.new_zeros(batch, *self.prediction_shape)
             halt_logit = state.x_aug.new_zeros(batch)
             steps_used = torch.zeros(batch, dtype=torch.long, device=x.device)
             active = torch.ones(batch, dtype=torch.bool, device=x.device)
