@@ -22,6 +22,7 @@ from llm_trm.cli import LLMTRMCLI
 from llm_trm.data.shards import HiddenPairDataModule, ShardWriter, collate_hidden_pairs
 from llm_trm.errors import ConfigMismatchError, DataError, NonFiniteLossError
 from llm_trm.files import sha256_file
+from llm_trm.hub import load_trm
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
 from llm_trm.modules.export import ExportBestModel, write_export
@@ -34,23 +35,39 @@ NUM_SAMPLES = 24
 TINY = dict(n_layers=1, n_heads=2, n_latent_steps=2, n_deep_recursions=2, n_supervision_steps=3, warmup_steps=2,
             learning_rate=1e-3)
 TINY_CLI = [f"--model.init_args.{key}={value}" for key, value in TINY.items()]
+# how each of m = 4 synthetic end-of-thinking states depends on the prompt (a state that depends on it with
+# the opposite sign of another, e.g. -1, was not learned by the tiny TRM within 60 epochs: the m tokens share
+# the network, and only an MLP gate conditioned on the token can flip a sign)
+STATE_SCALES = (1.0, 0.5, 2.0, 1.5)
 DATAGEN_CONFIG = {"backbone": "tiny", "layer": -1, "datasets": ["synthetic"], "seed": 0}
 
 
-def write_shards(directory: Path, corrupt_post: bool = False, dim: int = D) -> Path:
-    """NUM_SAMPLES pairs, prompts of 3..8 tokens, post depending on the prompt (so there is something to learn)."""
+def write_shards(directory: Path, corrupt_post: bool = False, dim: int = D, num_post_states: int = 1,
+                 num_samples: int = NUM_SAMPLES) -> Path:
+    """Pairs with prompts of 3..8 tokens, post depending on the prompt (so there is something to learn).
+
+    With num_post_states m > 1 the shards also hold `post_states` [m, D] whose last row is `post`: state j is
+    its own function of the prompt, scale_j x the prompt's mean state + shift_j (a permutation-invariant
+    target, which a TRM without positions can learn).
+    """
     generator = torch.Generator().manual_seed(0)
-    with ShardWriter(directory, DATAGEN_CONFIG, shard_size=10, dtype="float32") as writer:
-        for i in range(NUM_SAMPLES):
+    shifts = torch.randn(num_post_states, dim, generator=torch.Generator().manual_seed(1))
+    config = {**DATAGEN_CONFIG, **({"num_post_states": num_post_states} if num_post_states > 1 else {})}
+    with ShardWriter(directory, config, shard_size=10, dtype="float32") as writer:
+        for i in range(num_samples):
             length = 3 + i % 6
             pre = torch.randn(length, dim, generator=generator)
             post = torch.tanh(pre[0] * pre[-1]) + 0.1 * pre.mean(0)
+            post_states = None
+            if num_post_states > 1:
+                post_states = torch.stack([STATE_SCALES[j % 4] * 2 * pre.mean(0) + shifts[j] for j in range(num_post_states)])
+                post = post_states[-1]
             if corrupt_post:
                 post = torch.full_like(post, float("nan"))
             record = {"sample_id": f"synthetic:{i}", "problem": f"p{i}", "thinking": "", "answer": "", "gold_answer": "",
                       "correct": True, "closed_thinking": True, "token_ids": list(range(length + 2)),
                       "pre_length": length, "post_position": length + 1}
-            writer.add(pre, post, 5, record)
+            writer.add(pre, post, 5, record, post_states=post_states)
     return directory
 
 
@@ -699,3 +716,157 @@ def test_one_reasoning_token_trains_bit_for_bit_as_before_m_states(shards, compr
     assert sorted(actual) == sorted(expected)  # no new metric names at m = 1
     for name, value in expected.items():
         assert torch.equal(actual[name], value), (name, actual[name], value)
+
+
+M = 4
+
+
+@pytest.fixture(scope="module")
+def shards_m4(tmp_path_factory) -> Path:
+    """Shards written by ShardWriter with m = 4 end-of-thinking states per sample."""
+    return write_shards(tmp_path_factory.mktemp("pairs_m4") / "hidden_pairs", num_post_states=M)
+
+
+def test_m_states_train_on_the_last_m_post_states(shards_m4, compressor_dir):
+    data = make_data(shards_m4)
+    data.setup("fit")
+    batch = collate_hidden_pairs(split_items(data, "train")[:5])
+    for m in (M, 2):
+        module = make_module(compressor_dir, n_reasoning_tokens=m)
+        x, mask, target = module.compress_batch(batch)
+        expected = batch["post_states"][:, -m:] @ module.compressor.weight.detach().t()
+        assert target.shape == (5, m, D_COMPRESSED)
+        torch.testing.assert_close(target, expected)
+        with torch.no_grad():
+            assert module.trm(x, mask).prediction.shape == (5, m, D_COMPRESSED)
+    # the last state is `post`: one reasoning token trains on it, as before
+    one = make_module(compressor_dir)
+    torch.testing.assert_close(one.compress_batch(batch)[2], batch["post"] @ one.compressor.weight.detach().t())
+
+
+def test_m_states_loss_falls_on_a_task_where_each_state_depends_on_the_prompt(compressor_dir, tmp_path):
+    shards = write_shards(tmp_path / "pairs", num_post_states=M, num_samples=48)
+    module, recorder = make_module(compressor_dir, n_reasoning_tokens=M, learning_rate=3e-3), RecordOutputs()
+    make_trainer(max_epochs=12, limit_val_batches=0, callbacks=[recorder]).fit(module, make_data(shards))
+    first, last = recorder.losses(epoch=0), recorder.losses(epoch=11)
+    assert sum(last) / len(last) < 0.5 * sum(first) / len(first), (first, last)
+    # each of the m states is learned: on the training split the TRM's error on every state is well below
+    # that of predicting the state's training mean
+    data = make_data(shards)
+    data.setup("fit")
+    x, mask, target = module.compress_batch(collate_hidden_pairs(split_items(data, "train")))
+    with torch.no_grad():
+        error = (module.trm(x, mask).prediction - target).pow(2).mean((0, 2))
+    mean_error = (target - target.mean(0)).pow(2).mean((0, 2))
+    assert error.shape == (M,) and (error < 0.5 * mean_error).all(), (error, mean_error)
+
+
+def test_too_few_stored_states_is_one_line_error(shards, shards_m4, compressor_dir):
+    for stored, data_path in ((1, shards), (M, shards_m4)):
+        module = make_module(compressor_dir, n_reasoning_tokens=M + 1)
+        with pytest.raises(ConfigMismatchError) as err:
+            make_trainer(limit_train_batches=1, limit_val_batches=0).fit(module, make_data(data_path))
+        message = one_line(err)
+        assert f"hold {stored} end-of-thinking state(s)" in message and f"n_reasoning_tokens={M + 1}" in message
+        assert "num_post_states" in message
+    # a batch without enough states (a user's own datamodule): the same line
+    module = make_module(compressor_dir, n_reasoning_tokens=M)
+    batch = collate_hidden_pairs([{"sample_id": "a", "pre": torch.randn(3, D), "post": torch.randn(D),
+                                   "num_thinking_tokens": 5}])
+    with pytest.raises(ConfigMismatchError, match=f"hold 1 end-of-thinking state.*n_reasoning_tokens={M}"):
+        module.compress_batch(batch)
+
+
+def test_m_states_baselines_and_normalisation_match_a_direct_computation(shards_m4, compressor_dir):
+    alpha = 0.5
+    module = make_module(compressor_dir, ridge_alpha=alpha, n_reasoning_tokens=M)
+    data = make_data(shards_m4)
+    make_trainer(limit_train_batches=1, limit_val_batches=0).fit(module, data)
+    weight = module.compressor.weight.detach().double()
+
+    def split(name: str):
+        items = split_items(data, name)
+        pooled = torch.stack([(item["pre"].double() @ weight.t()).mean(0) for item in items])
+        last = torch.stack([item["pre"][-1].double() @ weight.t() for item in items])
+        post = torch.stack([item["post_states"].double() for item in items])  # [N, m, D]
+        return pooled, last, post @ weight.t(), post
+
+    train_pooled, _, train_target, train_post = split("train")
+    design = torch.cat([train_pooled, torch.ones(len(train_pooled), 1, dtype=torch.float64)], dim=1)
+    penalty = alpha * torch.diag(torch.tensor([1.0] * D_COMPRESSED + [0.0], dtype=torch.float64))
+    target_mean, post_mean = train_target.mean(0), train_post.mean(0)  # [m, D'], [m, D]
+
+    def r2(prediction, target, mean):
+        return 1 - (prediction - target).pow(2).sum() / (target - mean).pow(2).sum()
+
+    for name in ("val", "test"):
+        pooled, last, target, post = split(name)
+        held_out_design = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], dim=1)
+        ridge = torch.stack([held_out_design @ torch.linalg.solve(design.t() @ design + penalty,
+                                                                  design.t() @ train_target[:, j])
+                             for j in range(M)], dim=1)  # one ridge per state
+        predictions = {"mean": target_mean.expand_as(target), "ridge": ridge,
+                       "last_token": last[:, None].expand_as(target)}
+        results = module.baseline_results[name]
+        for baseline, prediction in predictions.items():
+            cosines = F.cosine_similarity(prediction, target, dim=-1).mean(0)  # [m]
+            assert results[f"{baseline}_cosine"] == pytest.approx(float(cosines.mean()), abs=1e-5), (name, baseline)
+            assert results[f"{baseline}_last_cosine"] == pytest.approx(float(cosines[-1]), abs=1e-5)
+            assert results[f"{baseline}_mse"] == pytest.approx(float((prediction - target).pow(2).mean()), rel=1e-4)
+            r2s = [r2(prediction[:, j], target[:, j], target_mean[j]) for j in range(M)]
+            assert results[f"{baseline}_explained_variance"] == pytest.approx(float(sum(r2s) / M), abs=1e-4)
+            assert results[f"{baseline}_last_explained_variance"] == pytest.approx(float(r2s[-1]), abs=1e-4)
+            full = prediction @ weight  # decompressed
+            full_cosines = F.cosine_similarity(full, post, dim=-1).mean(0)
+            assert results[f"{baseline}_full_cosine"] == pytest.approx(float(full_cosines.mean()), abs=1e-5)
+            centred = F.cosine_similarity(full - post_mean, post - post_mean, dim=-1).mean(0)
+            assert results[f"{baseline}_full_last_centred_cosine"] == pytest.approx(float(centred[-1]), abs=1e-5)
+        assert results["mean_explained_variance"] == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(module.val_metrics.quality.reference_mean, target_mean)
+    torch.testing.assert_close(module.test_metrics.quality_full.reference_mean, post_mean)
+    # the TRM's normalisation: per target state
+    torch.testing.assert_close(module.trm.target_mean.double(), target_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.trm.target_scale.double(), train_target.std(0), rtol=1e-5, atol=1e-6)
+
+
+def test_m_states_held_out_metrics_match_a_direct_computation(shards_m4, compressor_dir):
+    module, data = make_module(compressor_dir, n_reasoning_tokens=M), make_data(shards_m4)
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, data)
+    (tested,) = trainer.test(module, data, verbose=False)
+    items = split_items(data, "test")
+    batch = collate_hidden_pairs(items)
+    weight = module.compressor.weight.detach()
+    target = batch["post_states"] @ weight.t()
+    with torch.no_grad():
+        out = module.ema.module(batch["pre"] @ weight.t(), batch["pre_mask"])
+    prediction = out.prediction
+    cosines = F.cosine_similarity(prediction, target, dim=-1).mean(0)
+    full_cosines = F.cosine_similarity(prediction @ weight, batch["post_states"], dim=-1).mean(0)
+    expected = {"loss": (prediction - target).pow(2).mean(), "cosine": cosines.mean(), "last_cosine": cosines[-1],
+                "full_cosine": full_cosines.mean(), "full_last_cosine": full_cosines[-1],
+                "steps_used": out.steps_used.float().mean(), "halt_prob": out.halt_prob.mean()}
+    for name, value in expected.items():
+        assert tested[f"test/{name}"] == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+    assert "test/baseline/ridge_last_explained_variance" in tested
+
+
+def test_m_states_export_records_m_and_reloads(shards_m4, compressor_dir, tmp_path):
+    module, data = make_module(compressor_dir, n_reasoning_tokens=M), make_data(shards_m4)
+    trainer = make_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path,
+                           callbacks=[ExportBestModel(path=str(tmp_path / "trm"))])
+    trainer.fit(module, data)
+    exported = SequenceTRM.from_pretrained(tmp_path / "trm")
+    assert exported.n_reasoning_tokens == M and exported.metadata["n_states"] == M
+    assert json.loads((tmp_path / "trm" / "config.json").read_text())["n_reasoning_tokens"] == M
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, module.ema.module.state_dict()[name]), name
+    metrics = json.loads((tmp_path / "trm" / "metrics.json").read_text())
+    assert {"last_cosine", "full_last_explained_variance"} <= set(metrics["splits"]["val"]["model"])
+    # from the Lightning checkpoint too (the architecture it records)
+    (checkpoint,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    from_checkpoint = load_trm(checkpoint)
+    assert from_checkpoint.n_reasoning_tokens == M and from_checkpoint.metadata["n_states"] == M
+    x, mask = torch.randn(2, 3, D_COMPRESSED), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        assert exported(x, mask).prediction.shape == (2, M, D_COMPRESSED)

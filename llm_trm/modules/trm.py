@@ -1,7 +1,9 @@
 """TRMModule: Phase 2 training of the SequenceTRM on hidden-pair shards.
 
 For each batch the frozen compressor maps the prompt states [B, L, D] and the state at
-the closing think tag [B, D] to D'. The TRM then runs up to N_sup supervision steps;
+the closing think tag [B, D] to D' (with `n_reasoning_tokens` m > 1: the last m of the
+batch's `post_states` [B, m, D], the states of the last m thinking positions, each
+predicted at its own reasoning token). The TRM then runs up to N_sup supervision steps;
 each is one deep recursion, a loss (MSE to the target + halt_loss_weight x halt loss)
 and, by default, its own optimizer step and EMA update, after which the carried state
 y, z is detached. Samples whose halt probability passes 0.5 leave the batch; the loop
@@ -36,6 +38,11 @@ Choices worth knowing:
   decompression as the TRM.
 - Model selection uses the validation split; the test split (`test_step`) is only
   reported. `score_export` re-validates exported weights on both (metrics.json).
+- With m > 1 target states the loss is the MSE over all m; cosine, centred cosine, R^2 and
+  the other quality metrics are computed per state and averaged (same names as with m = 1),
+  and the last state's (the closing tag's, comparable with m = 1) are reported as `last_*`;
+  every baseline predicts every state (the last-token baseline repeats the last prompt state).
+  The halt head learns the centred cosine averaged over the m states.
 """
 
 from __future__ import annotations
@@ -94,8 +101,8 @@ class StepTerms:
 class BatchRecord:
     """What the supervision loop produced for each sample of one batch, for the metrics."""
 
-    def __init__(self, batch_size: int, d_compressed: int, device: torch.device) -> None:
-        self.prediction = torch.zeros(batch_size, d_compressed, device=device)
+    def __init__(self, batch_size: int, prediction_shape: tuple[int, ...], device: torch.device) -> None:
+        self.prediction = torch.zeros(batch_size, *prediction_shape, device=device)
         self.halt_prob = torch.zeros(batch_size, device=device)
         self.steps_used = torch.zeros(batch_size, dtype=torch.long, device=device)
         sums = dict(dtype=torch.float64, device=device)
@@ -128,6 +135,73 @@ def prompt_summaries(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return pooled, last
 
 
+def per_sample(values: Tensor, batch_dims: int = 1) -> Tensor:
+    """Per-sample values from per-state ones: [..., m] -> [...] (the mean over the m target states);
+    values with only `batch_dims` dimensions (one target state) are returned as they are."""
+    return values.mean(-1) if values.ndim > batch_dims else values
+
+
+def last_state(states: Tensor) -> Tensor:
+    """The closing tag's state: [B, D] as is, the last of [B, m, D]."""
+    return states[:, -1] if states.ndim == 3 else states
+
+
+class StatesQuality(nn.Module):
+    """VectorQuality for m target states: one metric per state; `compute()` gives every metric averaged
+    over the states (the names VectorQuality uses) and the last state's under `last_<name>`."""
+
+    def __init__(self, dim: int, n_states: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.states = nn.ModuleList(VectorQuality(dim, torch.zeros(dim), **kwargs) for _ in range(n_states))
+
+    def set_reference_mean(self, mean: Tensor) -> None:
+        """[m, dim]: each state's reference (training) mean."""
+        for metric, state_mean in zip(self.states, mean):
+            metric.reference_mean.copy_(state_mean)
+
+    @property
+    def reference_mean(self) -> Tensor:
+        return torch.stack([metric.reference_mean for metric in self.states])
+
+    @property
+    def rows(self) -> Tensor:
+        return self.states[0].rows
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """pred, target: [B, m, dim]."""
+        for index, metric in enumerate(self.states):
+            metric.update(pred[:, index], target[:, index])
+
+    def compute(self) -> dict[str, Tensor]:
+        per_state = [metric.compute() for metric in self.states]
+        values = {name: torch.stack([state[name] for state in per_state]).mean() for name in per_state[0]}
+        values.update({f"last_{name}": value for name, value in per_state[-1].items()})
+        return values
+
+    def reset(self) -> None:
+        for metric in self.states:
+            metric.reset()
+
+
+def vector_quality(dim: int, n_states: int, reference_mean: Tensor | None = None,
+                   **kwargs: Any) -> VectorQuality | StatesQuality:
+    """The quality metric of predictions with `n_states` target states: VectorQuality for one (its names and
+    state-dict keys unchanged), StatesQuality for m > 1."""
+    if n_states == 1:
+        return VectorQuality(dim, torch.zeros(dim) if reference_mean is None else reference_mean, **kwargs)
+    metric = StatesQuality(dim, n_states, **kwargs)
+    if reference_mean is not None:
+        metric.set_reference_mean(reference_mean.expand(n_states, dim))
+    return metric
+
+
+def set_reference_mean(metric: VectorQuality | StatesQuality, mean: Tensor) -> None:
+    if isinstance(metric, StatesQuality):
+        metric.set_reference_mean(mean)
+    else:
+        metric.reference_mean.copy_(mean)
+
+
 def _upgrade_metric_keys(state_dict: dict[str, Tensor]) -> None:
     """Checkpoints written before the test split kept the validation reference means under
     `val_quality*`: rename them, and give the test metrics the same (training) reference means."""
@@ -142,13 +216,13 @@ def _upgrade_metric_keys(state_dict: dict[str, Tensor]) -> None:
 class ScoredBatch:
     """One held-out batch run through every supervision step with one set of TRM weights."""
 
-    step_predictions: Tensor  # [S, B, D'] the prediction after each step
+    step_predictions: Tensor  # [S, B, D'] (or [S, B, m, D']) the prediction after each step
     halt_probs: Tensor  # [S, B]
     stop: Tensor  # [B] index of the step each sample stops at
     halt_correct: Tensor  # [S, B] whether the halt decision agreed with cosine > threshold
-    target: Tensor  # [B, D']
-    decompressed: Tensor  # [B, D] the stopping prediction in full space
-    post: Tensor  # [B, D] the real state
+    target: Tensor  # [B, D'] (or [B, m, D'])
+    decompressed: Tensor  # [B, D] (or [B, m, D]) the stopping prediction in full space
+    post: Tensor  # [B, D] (or [B, m, D]) the real state(s)
     first_token_agreement: Tensor | None = None  # [B]
 
     @property
@@ -172,16 +246,18 @@ class HeldOutMetrics(nn.Module):
     Names (`compute()` keys): the VectorQuality metrics in D' (`cosine`, ...) and in D
     (`full_cosine`, ...), `loss` (the MSE in D', which model selection monitors),
     `cosine_step{k}` for every supervision step, `halt_prob`, `steps_used`, `halt_accuracy`
-    and, with a first-token backbone, `first_token_agreement`.
+    and, with a first-token backbone, `first_token_agreement`. With m > 1 target states the
+    quality metrics are averaged over the states and the last state's come as `last_*`
+    (`last_cosine`, `full_last_explained_variance`, ...); the first token is the last state's.
     """
 
     def __init__(self, d_compressed: int, d_model: int, n_supervision_steps: int, first_token: bool = False,
-                 sync_on_compute: bool = True) -> None:
+                 sync_on_compute: bool = True, n_states: int = 1) -> None:
         super().__init__()
         sync = {"sync_on_compute": sync_on_compute}
         # reference means are filled at fit start (the training means) and saved with the weights
-        self.quality = VectorQuality(d_compressed, torch.zeros(d_compressed), **sync)
-        self.quality_full = VectorQuality(d_model, torch.zeros(d_model), **sync)
+        self.quality = vector_quality(d_compressed, n_states, **sync)
+        self.quality_full = vector_quality(d_model, n_states, **sync)
         self.step_cosine = nn.ModuleList(MeanMetric(**sync) for _ in range(n_supervision_steps))
         names = HELD_OUT_MEANS + (("first_token_agreement",) if first_token else ())
         self.means = nn.ModuleDict({name: MeanMetric(**sync) for name in names})
@@ -189,11 +265,12 @@ class HeldOutMetrics(nn.Module):
         self.steps_used_values, self.halt_prob_values = CatMetric(**sync), CatMetric(**sync)
 
     def set_reference_means(self, target_mean: Tensor, post_mean: Tensor) -> None:
-        self.quality.reference_mean.copy_(target_mean)
-        self.quality_full.reference_mean.copy_(post_mean)
+        set_reference_mean(self.quality, target_mean)
+        set_reference_mean(self.quality_full, post_mean)
 
     def update(self, scored: ScoredBatch) -> None:
-        step_cosines = F.cosine_similarity(scored.step_predictions, scored.target[None], dim=-1)  # [S, B]
+        # [S, B]: with m target states, each sample's cosine averaged over them
+        step_cosines = per_sample(F.cosine_similarity(scored.step_predictions, scored.target[None], dim=-1), 2)
         for metric, cosine in zip(self.step_cosine, step_cosines):
             metric.update(cosine)
         ran = scored.ran
@@ -231,8 +308,8 @@ class CompressedSummaries:
 
     pooled: Tensor  # [N, D'] compress(mean of pre) == mean of compress(pre)
     last: Tensor  # [N, D'] the last prompt token
-    target: Tensor  # [N, D'] compress(post)
-    post: Tensor  # [N, D] fp32
+    target: Tensor  # [N, D'] compress(post), or [N, m, D'] compress(the last m post_states)
+    post: Tensor  # [N, D] (or [N, m, D]) fp32: the target in full space
     token_mean: Tensor  # [D'] fp64, compress(mean over every prompt token)
     token_scale: Tensor  # scalar fp64, RMS spread of the sampled prompt tokens around token_mean
 
@@ -257,6 +334,9 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         n_latent_steps: n, latent updates per recursion (seed `--n_latent_steps`).
         n_deep_recursions: T, recursions per supervision step (seed `--n_deep_recursions`).
         n_supervision_steps: N_sup (seed `--n_supervision_steps`).
+        n_reasoning_tokens: m, reasoning tokens and predicted states: 1 predicts the state at the closing
+            tag (the seed's target); m > 1 predicts the last m thinking states (the shards must store at
+            least m: datagen `--model.num_post_states`).
         use_halting: train the halt head and let samples stop early (seed `--use_halting`).
         halt_threshold: initial cosine threshold of the BCE halt target (seed `--halt_threshold`).
         adaptive_halt_threshold: set the threshold to 0.95 x each epoch's mean training cosine.
@@ -289,6 +369,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         max_positions: int = 4096,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        n_reasoning_tokens: int = 1,
         use_halting: bool = True,
         halt_threshold: float = 0.7,
         adaptive_halt_threshold: bool = True,
@@ -314,6 +395,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             self.compressor.d_compressed, n_layers=n_layers, n_heads=n_heads, n_latent_steps=n_latent_steps,
             n_deep_recursions=n_deep_recursions, n_supervision_steps=n_supervision_steps,
             use_positions=use_positions, mlp_ratio=mlp_ratio, dropout=dropout, max_positions=max_positions,
+            n_reasoning_tokens=n_reasoning_tokens,
         )
         self.ema = self._make_ema(ema_decay) if use_ema else None
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -342,8 +424,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     def _make_metrics(self) -> None:
         d_compressed, d_model = self.compressor.d_compressed, self.compressor.d_model
         # reference means are filled at fit start (training mean) and saved with the weights
-        self.train_quality = VectorQuality(d_compressed, torch.zeros(d_compressed))
-        self.train_quality_full = VectorQuality(d_model, torch.zeros(d_model))
+        self.train_quality = vector_quality(d_compressed, self.n_states)
+        self.train_quality_full = vector_quality(d_model, self.n_states)
         self.train_epoch_means = nn.ModuleDict({name: MeanMetric() for name in TRAIN_EPOCH_MEANS})
         self.val_metrics = self.held_out_metrics()
         self.test_metrics = self.held_out_metrics()
@@ -351,7 +433,13 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     def held_out_metrics(self, sync_on_compute: bool = True) -> HeldOutMetrics:
         """A fresh set of held-out metrics (synced across DDP ranks unless told otherwise)."""
         return HeldOutMetrics(self.compressor.d_compressed, self.compressor.d_model, self.hparams.n_supervision_steps,
-                              first_token=bool(self.hparams.first_token_backbone), sync_on_compute=sync_on_compute)
+                              first_token=bool(self.hparams.first_token_backbone), sync_on_compute=sync_on_compute,
+                              n_states=self.n_states)
+
+    @property
+    def n_states(self) -> int:
+        """m: the end-of-thinking states the TRM predicts (one per reasoning token)."""
+        return self.trm.n_reasoning_tokens
 
     @property
     def eval_model(self) -> SequenceTRM:
@@ -370,6 +458,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             "layer": source.get("layer"),
             "hidden_states": source.get("hidden_states"),
             "weights": "ema" if self.ema is not None else "final",
+            "n_states": self.n_states,  # m: predicted end-of-thinking states; an adapter must take as many
         }
 
     def setup(self, stage: str) -> None:
@@ -380,6 +469,18 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
                 f"the shards at {getattr(datamodule, 'data_path', '?')} hold D={hidden_size} hidden states but "
                 f"compressor {self.hparams.compressor_checkpoint} expects D={self.compressor.d_model}: use the "
                 "compressor trained on the datagen run's backbone and layer."
+            )
+        stored = getattr(datamodule, "num_post_states", None)
+        if stored is not None:
+            self.check_stored_states(stored, f"the shards at {getattr(datamodule, 'data_path', '?')}")
+
+    def check_stored_states(self, stored: int, source: str) -> None:
+        """The TRM trains on the last m stored end-of-thinking states: the shards must hold at least m."""
+        if stored < self.n_states:
+            raise ConfigMismatchError(
+                f"{source} hold {stored} end-of-thinking state(s) per sample but the TRM predicts "
+                f"n_reasoning_tokens={self.n_states}: rerun `llm-trm datagen` with --model.num_post_states "
+                f"{self.n_states} (or more), or lower n_reasoning_tokens."
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -449,12 +550,22 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
             self.ema.update_parameters(self.trm)
 
     # ---- losses ------------------------------------------------------------------------
+    def full_target(self, batch: dict[str, Any], source: str = "the batch's post_states") -> Tensor:
+        """The real state(s) the TRM predicts, in D: `post` [B, D], or with m > 1 the last m of `post_states`."""
+        if self.n_states == 1:
+            return batch["post"]
+        post_states = batch.get("post_states")
+        stored = 1 if post_states is None else post_states.shape[1]
+        self.check_stored_states(stored, source)
+        return post_states[:, -self.n_states :]
+
     @torch.no_grad()
     def compress_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """(x [B, L, D'], mask [B, L], target [B, D']) in fp32: the frozen projection runs outside autocast."""
+        """(x [B, L, D'], mask [B, L], target [B, D'] or [B, m, D']) in fp32: the frozen projection runs
+        outside autocast."""
         with torch.autocast(self.device.type, enabled=False):
             x = self.compressor.compress(batch["pre"].float())
-            target = self.compressor.compress(batch["post"].float())
+            target = self.compressor.compress(self.full_target(batch).float())
         return x, batch["pre_mask"].bool(), target
 
     @torch.no_grad()
@@ -472,20 +583,21 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
 
     def halting_cosine(self, prediction: Tensor, target: Tensor, model: SequenceTRM | None = None) -> Tensor:
         """The quality the halt head learns to predict: cosine around the training mean of the targets
-        (the one `model`, by default the trained TRM, was normalised with).
+        (the one `model`, by default the trained TRM, was normalised with); [B], averaged over the target
+        states when there are m > 1.
 
         The seed used the raw cosine, but every target shares one dominant direction (raw cosine
         ~0.95 for the mean vector alone), so the halt head learned to stop at once whatever the
         prediction. Centred, a prediction is only "good" when it beats the mean.
         """
         centre = (self.trm if model is None else model).target_mean.to(prediction.dtype)
-        return F.cosine_similarity(prediction.detach() - centre, target - centre, dim=-1)
+        return per_sample(F.cosine_similarity(prediction.detach() - centre, target - centre, dim=-1))
 
     def step_terms(self, prediction: Tensor, halt_logit: Tensor, target: Tensor) -> StepTerms:
         prediction, halt_logit = prediction.float(), halt_logit.float()
         cosine = self.halting_cosine(prediction, target)
         return StepTerms(
-            mse=(prediction - target).pow(2).mean(-1),
+            mse=(prediction - target).pow(2).flatten(1).mean(1),  # over the m states too
             halt=self.halt_loss(halt_logit, cosine),
             cosine=cosine,
             halt_prob=torch.sigmoid(halt_logit.detach()),
@@ -511,7 +623,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         state = self.trm.initial_state(x, mask)
         spare = state.select(torch.zeros(1, dtype=torch.long, device=x.device))  # for a rank with no one left
         rows = torch.arange(x.shape[0], device=x.device)  # batch rows still running
-        record = BatchRecord(x.shape[0], self.trm.d_compressed, x.device)
+        record = BatchRecord(x.shape[0], self.trm.prediction_shape, x.device)
         fused_losses: list[Tensor] = []
         for _ in range(hp.n_supervision_steps):
             active_everywhere = self.global_count(len(rows))
@@ -566,7 +678,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         self.log("train/nonfinite_steps", float(self.guard.skipped_total), on_step=True, on_epoch=False)
         if record is None:
             return None
-        return self._log_training(record, target, batch["post"])
+        return self._log_training(record, target, self.full_target(batch))
 
     def _log_training(self, record: BatchRecord, target: Tensor, post: Tensor) -> dict[str, Tensor]:
         prediction = record.prediction
@@ -629,8 +741,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     # ---- held-out splits: validation (selection) and test (report) ---------------------
     @torch.no_grad()
     def unroll(self, model: SequenceTRM, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Every supervision step for every sample with `model`: predictions [S, B, D'] and halt
-        logits [S, B]."""
+        """Every supervision step for every sample with `model`: predictions [S, B, D'] (or [S, B, m, D'])
+        and halt logits [S, B]."""
         state = model.initial_state(x, mask)
         predictions, halt_logits = [], []
         for _ in range(model.n_supervision_steps):
@@ -655,12 +767,14 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         stop = self.stopping_step(halts)
         halting_cosines = torch.stack([self.halting_cosine(p, target, model) for p in step_predictions])
         decompressed = self.decompress(step_predictions[stop, torch.arange(len(stop), device=stop.device)])
-        agreement = (self.first_token_agreement(decompressed, batch["post"])
+        post = self.full_target(batch)
+        # the first answer token is predicted from the closing tag's state: the last of m
+        agreement = (self.first_token_agreement(last_state(decompressed), last_state(post))
                      if self.hparams.first_token_backbone else None)
         return ScoredBatch(
             step_predictions=step_predictions, halt_probs=halt_probs, stop=stop,
             halt_correct=halts == (halting_cosines > self.halt_threshold),
-            target=target, decompressed=decompressed, post=batch["post"], first_token_agreement=agreement,
+            target=target, decompressed=decompressed, post=post, first_token_agreement=agreement,
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -787,12 +901,15 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
                 if trm is not None:
                     trm.set_normalization(train.token_mean.float(), train.token_scale.float(), target_mean.float(),
                                           train.target.std(0))
-        mean = MeanBaseline().fit(train.target)
-        ridge = RidgeBaseline(self.hparams.ridge_alpha).fit(train.pooled, train.target)
+        # every baseline predicts every target state: mean and ridge on the m states side by side
+        # ([N, m * D'], each output fitted on its own), the last prompt token repeated for each
+        shape = train.target.shape[1:]
+        mean = MeanBaseline().fit(train.target.flatten(1))
+        ridge = RidgeBaseline(self.hparams.ridge_alpha).fit(train.pooled, train.target.flatten(1))
         predictors: dict[str, Callable[[CompressedSummaries], Tensor]] = {
-            "mean": lambda split: mean.predict(len(split)),
-            "ridge": lambda split: ridge.predict(split.pooled),
-            "last_token": lambda split: split.last,
+            "mean": lambda split: mean.predict(len(split)).view(-1, *shape),
+            "ridge": lambda split: ridge.predict(split.pooled).view(-1, *shape),
+            "last_token": lambda split: split.last if len(shape) == 1 else split.last[:, None].expand(-1, *shape),
         }
         self.baseline_results = {}
         for split in HELD_OUT_SPLITS:
@@ -806,24 +923,29 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
     @torch.no_grad()
     def compress_summaries(self, summaries: Any) -> CompressedSummaries:
         """A split's PairSummaries in D'. The compressor is linear without bias, so compressing the
-        pooled prompt gives the pooled compressed prompt, and the token statistics map exactly."""
+        pooled prompt gives the pooled compressed prompt, and the token statistics map exactly. With m > 1
+        target states the targets are the last m of the summaries' `post_states`."""
         if len(summaries.post) == 0:
             empty = torch.zeros(0, self.compressor.d_compressed)
-            return CompressedSummaries(empty, empty, empty, torch.zeros(0, self.compressor.d_model),
+            states = () if self.n_states == 1 else (self.n_states,)
+            return CompressedSummaries(empty, empty, empty.view(0, *states, empty.shape[1]),
+                                       torch.zeros(0, *states, self.compressor.d_model),
                                        torch.zeros(self.compressor.d_compressed, dtype=torch.float64),
                                        torch.zeros((), dtype=torch.float64))
+        post = self.full_target({"post": summaries.post, "post_states": getattr(summaries, "post_states", None)},
+                                "the datamodule's summaries")
         weight = self.compressor.weight.detach().double().cpu()
         token_mean = summaries.token_mean.double().cpu() @ weight.t()
         tokens = self._compress_rows(summaries.token_sample).double()
         token_scale = (tokens - token_mean).pow(2).mean().sqrt()
         return CompressedSummaries(
             pooled=self._compress_rows(summaries.pooled), last=self._compress_rows(summaries.last),
-            target=self._compress_rows(summaries.post), post=summaries.post.float().cpu(),
+            target=self._compress_rows(post), post=post.float().cpu(),
             token_mean=token_mean, token_scale=token_scale,
         )
 
     def _compress_rows(self, rows: Tensor) -> Tensor:
-        """[N, D] (CPU) -> [N, D'] fp32 on the CPU, compressed on the module's device outside autocast."""
+        """[N, (m,) D] (CPU) -> [N, (m,) D'] fp32 on the CPU, compressed on the module's device outside autocast."""
         with torch.autocast(self.device.type, enabled=False):
             return self.compressor.compress(rows.to(self.device, torch.float32)).cpu()
 
@@ -833,8 +955,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         results: dict[str, float] = {}
         for name, predict in predictors.items():
             # every rank scores the whole split itself, so there is nothing to synchronise
-            compressed = VectorQuality(d_compressed, target_mean, sync_on_compute=False)
-            full = VectorQuality(d_model, post_mean, sync_on_compute=False)
+            compressed = vector_quality(d_compressed, self.n_states, target_mean, sync_on_compute=False)
+            full = vector_quality(d_model, self.n_states, post_mean, sync_on_compute=False)
             prediction = predict(split)
             compressed.update(prediction, split.target)
             full.update(self.decompress(prediction.to(self.device)).cpu(), split.post)
@@ -843,8 +965,8 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         return results
 
     def _set_reference_means(self, target_mean: Tensor, post_mean: Tensor) -> None:
-        self.train_quality.reference_mean.copy_(target_mean)
-        self.train_quality_full.reference_mean.copy_(post_mean)
+        set_reference_mean(self.train_quality, target_mean)
+        set_reference_mean(self.train_quality_full, post_mean)
         for metrics in (self.val_metrics, self.test_metrics):
             metrics.set_reference_means(target_mean, post_mean)
 

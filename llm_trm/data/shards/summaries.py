@@ -36,6 +36,7 @@ class PairSummaries:
     post: Tensor  # [N, D] float32: the end-of-thinking state (the shards' `post`)
     token_mean: Tensor  # [D] float64: mean over every pre token of the split (exact)
     token_sample: Tensor  # [K, D] float32: up to max_tokens pre tokens drawn uniformly with a fixed seed
+    post_states: Tensor | None = None  # [N, m, D] float32: the shards' `post_states` when they hold m > 1, else None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -52,12 +53,14 @@ def uniform_positions(total: int, count: int, seed: int) -> Tensor:
 class _SplitSummary:
     """Accumulates one split's summaries while the shards stream past in a fixed order."""
 
-    def __init__(self, sample_ids: list[str], kept_lengths: list[int], dim: int, max_tokens: int, seed: int) -> None:
+    def __init__(self, sample_ids: list[str], kept_lengths: list[int], dim: int, max_tokens: int, seed: int,
+                 num_post_states: int = 1) -> None:
         n = len(sample_ids)
         self.sample_ids = sample_ids
         self.pooled = torch.zeros(n, dim)
         self.last = torch.zeros(n, dim)
         self.post = torch.zeros(n, dim)
+        self.post_states = torch.zeros(n, num_post_states, dim) if num_post_states > 1 else None
         self.filled = torch.zeros(n, dtype=torch.bool)
         self.token_sum = torch.zeros(dim, dtype=torch.float64)
         self.token_count = 0
@@ -81,6 +84,7 @@ class _SplitSummary:
             post=self.post,
             token_mean=self.token_sum / max(self.token_count, 1),
             token_sample=self.token_sample,
+            post_states=self.post_states,
         )
 
 
@@ -112,10 +116,12 @@ def check_and_summarise(
                                          for row, sid in enumerate(splits[name])}
     length_of = {sid: length for info in shards for sid, length in zip(info.sample_ids, info.lengths)}
     dim = shards[0].hidden_size if shards else 0
+    num_post_states = shards[0].num_post_states if shards else 1  # the same in every shard (the dataset checks)
     summaries = []
     for name in names:
         kept = [min(length_of[sid], max_length or length_of[sid]) for sid in splits[name]]
-        summaries.append(_SplitSummary(splits[name], kept, dim, max_tokens, int(unit_hash(name, seed) * 2**32)))
+        summaries.append(_SplitSummary(splits[name], kept, dim, max_tokens, int(unit_hash(name, seed) * 2**32),
+                                       num_post_states))
     for info in shards:
         if any(sid in owner for sid in info.sample_ids):
             _summarise_shard(directory, info, owner, summaries, max_length, verify_checksums)
@@ -162,6 +168,7 @@ def _summarise_shard(
     bad = nonfinite_rows(post) & selected
     if bad.any():
         raise _nonfinite_error(directory, info, "post", info.sample_ids[int(bad.nonzero()[0])])
+    post_states = None
     if info.num_post_states > 1:
         post_states = handle.get_tensor("post_states")
         bad = nonfinite_rows(post_states) & selected
@@ -180,4 +187,6 @@ def _summarise_shard(
         summary.pooled[target] = (sums[mine] / kept_lengths[mine, None]).float()
         summary.token_sum += sums[mine].sum(0)
         summary.post[target] = post[mine].float()
+        if summary.post_states is not None and post_states is not None:
+            summary.post_states[target] = post_states[mine].float()
         summary.filled[target] = True
