@@ -16,8 +16,8 @@ Modes (all batched, left-padded, greedy):
               `prompt <think>\\n [k soft vectors] </think>`; the LLM answers from there,
               reusing the prompt's KV cache;
 - `trm_first_token`: as `trm`, but the first answer token is `lm_head` applied to the
-              predicted state (the state at the closing tag predicts it), as the seed's
-              inference did; the LLM continues after it.
+              predicted state (the state at the closing tag predicts it; of a TRM's m
+              predicted states, the last), as the seed's inference did; the LLM continues after it.
 
 The latent path itself (prompts, prompt pass, pre states, soft inputs, loading the parts) is
 `llm_trm.latent`, shared with datagen and GRPO; generation is `llm_trm.generation`. This class
@@ -44,7 +44,7 @@ from llm_trm.latent import (LatentParts, Prompt, PromptBatch, encode_prompt, loa
                             predict, prompt_pass, soft_inputs, soft_vectors)
 from llm_trm.models.adapter import LatentAdapter
 from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.trm import SequenceTRM, TRMOutput
+from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
 from llm_trm.thinking import THINK_CLOSE, cut_at_end, end_of_turn_ids
 
 __all__ = ["MODES", "LATENT_MODES", "AnswerResult", "LatentInputs", "LatentReasoner", "wilson_interval"]
@@ -123,7 +123,7 @@ class LatentInputs:
     attention_mask: Tensor
     cache: Any  # the prompt's KV cache (consumed by the next forward/generate)
     trm_output: TRMOutput
-    predicted_state: Tensor  # [B, D] the decompressed prediction
+    predicted_state: Tensor  # [B, D] the decompressed prediction ([B, m, D] for a TRM with m states)
     first_token: Tensor | None  # [B] trm_first_token only
     overhead_s: float
     ready_time: float  # when the inputs (and, in trm_first_token, the first answer token) exist
@@ -300,7 +300,7 @@ class LatentReasoner:
     def _first_token(self, predicted: Tensor) -> Tensor:
         self._check_first_token_layer()
         head = self.model.get_output_embeddings()
-        return head(predicted.to(head.weight.dtype)).argmax(dim=-1)
+        return head(closing_state(predicted).to(head.weight.dtype)).argmax(dim=-1)
 
     @torch.no_grad()
     def latent_inputs(self, batch: list[_Item] | Sequence[Problem], first_token: bool = False,
@@ -336,7 +336,7 @@ class LatentReasoner:
 
         if mode == "trm_first_token":
             latent = self.latent_inputs(problems)
-            return self.model.get_output_embeddings()(latent.predicted_state.to(self.model.dtype))
+            return self.model.get_output_embeddings()(closing_state(latent.predicted_state).to(self.model.dtype))
         if mode == "trm":
             latent = self.latent_inputs(problems)
             cached = latent.cache.get_seq_length()

@@ -6,6 +6,7 @@
     pre, pre_mask = pre_states(states, batch.mask, batch.pre_lengths)   # as datagen stores hidden_pre
     output = predict(compressor, trm, pre, pre_mask)        # compress -> TRM (per-sample halting)
     state, soft = soft_vectors(compressor, adapter, output.prediction)  # decompress -> bridge
+    # (a TRM with m reasoning tokens predicts m states: [B, m, D'] -> [B, m, D] -> the adapter)
     embeds, mask = soft_inputs(model, batch, soft, close_ids)           # [prompt][k soft vectors]</think>
 
 Datagen stores `hidden_pre` with `encode_prompt` + `prompt_pass` + `pre_states` (over its
@@ -110,6 +111,17 @@ def build_adapter(spec: str | LatentAdapter, embedding_weight: Tensor, hidden_si
     return load_part("adapter", spec, LatentAdapter.from_pretrained)
 
 
+def check_state_count(trm: SequenceTRM, adapter: LatentAdapter, trm_source: str = "the TRM",
+                      adapter_source: str = "the adapter") -> None:
+    """The TRM's m predicted states are what the adapter reads: its `n_states` (1 when it does not say) must be m."""
+    predicted, taken = trm.n_reasoning_tokens, int(getattr(adapter, "n_states", 1))
+    if predicted != taken:
+        raise ConfigMismatchError(
+            f"{trm_source} predicts {predicted} end-of-thinking state(s) (n_reasoning_tokens={predicted}) but "
+            f"{adapter_source} takes {taken} (n_states={taken}): use an adapter built for n_states={predicted}."
+        )
+
+
 def check_adapter(adapter: LatentAdapter, hidden_size: int, d_embed: int, source: str = "the adapter") -> None:
     if adapter.d_model != hidden_size or adapter.d_embed != d_embed:
         raise ConfigMismatchError(
@@ -139,6 +151,7 @@ class LatentParts:
         embeddings = backbone.model.get_input_embeddings().weight
         adapter_model = build_adapter(adapter, embeddings, backbone.hidden_size, n_soft_vectors, trm)
         check_adapter(adapter_model, backbone.hidden_size, embeddings.shape[1], describe(adapter, "adapter"))
+        check_state_count(trm_model, adapter_model, describe(trm, "TRM"), describe(adapter, "adapter"))
         return cls(compressor_model, trm_model, adapter_model, chosen)
 
     def to(self, device: torch.device | str) -> LatentParts:
@@ -235,13 +248,17 @@ def pre_states(states: Tensor, mask: Tensor, pre_lengths: Sequence[int]) -> tupl
 
 def predict(compressor: DimensionCompressor, trm: SequenceTRM, pre: Tensor, pre_mask: Tensor,
             n_supervision_steps: int | None = None, halt: bool = True) -> TRMOutput:
-    """compress -> TRM with per-sample halting; the prediction is in D' (gradients as the caller's mode)."""
+    """compress -> TRM with per-sample halting; the TRM's output as is: the prediction is [B, D'], or [B, m, D']
+    for a TRM with m > 1 reasoning tokens (gradients as the caller's mode)."""
     compressed = compressor.compress(pre.to(compressor.weight.dtype))
     return trm(compressed, pre_mask, n_supervision_steps=n_supervision_steps, halt=halt)
 
 
 def soft_vectors(compressor: DimensionCompressor, adapter: LatentAdapter, compressed: Tensor) -> tuple[Tensor, Tensor]:
-    """decompress -> adapter: (the state [B, D], its k soft input vectors [B, k, E])."""
+    """decompress -> adapter: (the state(s) [B, D] or [B, m, D], their k soft input vectors [B, k, E]).
+
+    `compressed` is a prediction, [B, D'] or [B, m, D'] (m states, which an adapter with n_states = m reads).
+    """
     state = compressor.decompress(compressed.to(compressor.weight.dtype))
     return state, adapter(state)
 

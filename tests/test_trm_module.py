@@ -870,3 +870,16 @@ def test_m_states_export_records_m_and_reloads(shards_m4, compressor_dir, tmp_pa
     x, mask = torch.randn(2, 3, D_COMPRESSED), torch.ones(2, 3, dtype=torch.bool)
     with torch.no_grad():
         assert exported(x, mask).prediction.shape == (2, M, D_COMPRESSED)
+
+
+def test_m_states_first_token_agreement_reads_the_closing_tags_state(shards_m4, compressor_dir, tiny_backbone_dir):
+    module = make_module(compressor_dir, n_reasoning_tokens=M, first_token_backbone=str(tiny_backbone_dir))
+    handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    module.first_token_agreement = lambda predicted, real: handed.append((predicted, real)) or torch.ones(len(real))
+    data = make_data(shards_m4)
+    data.setup("fit")
+    batch = collate_hidden_pairs(split_items(data, "val"))
+    scored = module.score_batch(module.trm, batch)
+    ((predicted, real),) = handed
+    assert predicted.shape == real.shape == (len(batch["post"]), D)
+    assert torch.equal(predicted, scored.decompressed[:, -1]) and torch.equal(real, batch["post"])

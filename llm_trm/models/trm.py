@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from llm_trm.errors import DataError
 from llm_trm.models.pretrained import PretrainedMixin
 
-__all__ = ["HALT_DECISION", "TinyRecursiveNetwork", "SequenceTRM", "TRMState", "TRMOutput"]
+__all__ = ["HALT_DECISION", "TinyRecursiveNetwork", "SequenceTRM", "TRMState", "TRMOutput", "closing_state"]
 
 INIT_STD = 0.02
 # sigmoid(-2) ~ 0.12: a fresh model does not halt at its first step, and the halt
@@ -37,6 +37,12 @@ HALT_BIAS_INIT = -2.0
 # a sample stops reasoning once its halt probability exceeds this (SequenceTRM.halts)
 HALT_DECISION = 0.5
 NORM_EPS = 1e-6
+
+
+def closing_state(states: Tensor) -> Tensor:
+    """The closing think tag's state, from which the first answer token is predicted: a [B, D] prediction
+    as is, the last of the m states of a [B, m, D] one."""
+    return states[:, -1] if states.ndim == 3 else states
 
 
 def _check_heads(d_model: int, n_heads: int) -> None:

@@ -58,8 +58,8 @@ from llm_trm.errors import ConfigMismatchError
 from llm_trm.generation import GREEDY, Decoding, generate
 from llm_trm.hub import METADATA_KEY, check_compatible, strip_prefix
 from llm_trm.latent import (ADAPTER_SUBFOLDER, COMPRESSOR_SUBFOLDER, PromptBatch, build_adapter, check_adapter,
-                            check_parts, encode_prompt, load_compressor_and_trm, pre_states, predict, prompt_pass,
-                            rewind_cache, soft_inputs, soft_vectors)
+                            check_parts, check_state_count, encode_prompt, load_compressor_and_trm, pre_states,
+                            predict, prompt_pass, rewind_cache, soft_inputs, soft_vectors)
 from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length, warmup_cosine
 from llm_trm.rl.objective import (clipped_policy_loss, equal_reward_share, gaussian_kl, gaussian_log_prob,
                                   group_advantages)
@@ -89,7 +89,8 @@ class Prompted:
 
 @dataclass
 class Latent:
-    """The TRM path's output for a batch: prediction [B, D'], soft vectors [N, k, E] (N = B x repeats)."""
+    """The TRM path's output for a batch: prediction [B, D'] (or [B, m, D'] for m states), soft vectors
+    [N, k, E] (N = B x repeats)."""
 
     prediction: Tensor
     soft: Tensor
@@ -226,6 +227,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         embeddings = self.llm.model.get_input_embeddings().weight
         adapter = build_adapter(spec, embeddings, self.compressor.d_model, n_soft_vectors)
         check_adapter(adapter, self.compressor.d_model, embeddings.shape[1], f"adapter {spec}")
+        check_state_count(self.trm, adapter, f"TRM {self.hparams.trm_checkpoint}", f"adapter {spec}")
         return adapter.float()
 
     def train(self, mode: bool = True) -> GRPOModule:
@@ -250,6 +252,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             "reward": hp.reward,
             "group_size": hp.group_size,
             "n_soft_vectors": self.adapter.n_vectors,
+            "n_states": self.trm.n_reasoning_tokens,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -339,7 +342,8 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             prompted.cache.batch_repeat_interleave(repeats)
 
     def latent(self, prompted: Prompted, repeats: int, noise: Tensor | None = None) -> Latent:
-        """The soft vectors [B x repeats, k, E]; with `noise` [B, repeats, D'] each copy gets its own latent."""
+        """The soft vectors [B x repeats, k, E]; with `noise` [B, repeats, D'] (or [B, repeats, m, D'] for m
+        predicted states) each copy gets its own latent."""
         output = predict(self.compressor, self.trm, prompted.pre, prompted.pre_mask, halt=self.hparams.halting)
         prediction = output.prediction
         extra = 0.0 * output.halt_logit.float().sum()
@@ -347,8 +351,10 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             _, soft = soft_vectors(self.compressor, self.adapter, prediction)
             return Latent(prediction, soft.repeat_interleave(repeats, dim=0), output.steps_used, extra=extra)
         # the sampled latent is an action: the TRM learns through its log-probability, not through the LLM
-        sample = prediction.detach()[:, None, :] + noise
-        logp = gaussian_log_prob(sample.float(), prediction.float()[:, None, :], self.hparams.latent_noise_std)
+        sample = prediction.detach()[:, None] + noise
+        # one Gaussian over all m states of a copy: [B, repeats, m * D']
+        logp = gaussian_log_prob(sample.float().flatten(2), prediction.float().flatten(1)[:, None],
+                                 self.hparams.latent_noise_std)
         _, soft = soft_vectors(self.compressor, self.adapter, sample.flatten(0, 1))
         return Latent(prediction, soft, output.steps_used, latent_logp=logp.flatten(), extra=extra)
 
@@ -429,7 +435,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         if std <= 0:
             return None
         generator = torch.Generator().manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank, 1))
-        noise = torch.randn(batch, group, self.compressor.d_compressed, generator=generator) * std
+        noise = torch.randn(batch, group, *self.trm.prediction_shape, generator=generator) * std
         return noise.to(self.device)
 
     def _sample(self, prompted: Prompted, noise: Tensor | None) -> list[list[int]] | None:
@@ -465,7 +471,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
             loss = loss + latent_loss
             current["latent"] = latent.latent_logp.detach()
         if hp.kl_coef > 0:  # the frozen reference runs only when it is used
-            kl = gaussian_kl(latent.prediction.float(), self.reference_latent(prompted).float(),
+            kl = gaussian_kl(latent.prediction.float().flatten(1), self.reference_latent(prompted).float().flatten(1),
                              hp.latent_noise_std or 1.0).mean()
             loss = loss + hp.kl_coef * kl
             stats["kl"] = kl.detach()

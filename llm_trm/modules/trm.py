@@ -69,7 +69,7 @@ from llm_trm.eval.metrics import VectorQuality
 from llm_trm.hub import METADATA_KEY, check_compatible, load_compressor, strip_prefix
 from llm_trm.models.baselines import MeanBaseline, RidgeBaseline
 from llm_trm.models.compressor import DimensionCompressor
-from llm_trm.models.trm import HALT_DECISION, SequenceTRM, TRMState
+from llm_trm.models.trm import HALT_DECISION, SequenceTRM, TRMState, closing_state
 from llm_trm.modules.common import (FrozenBackboneMixin, NonFiniteGuard, advance_schedule, manual_update,
                                     schedule_length, warmup_cosine)
 from llm_trm.modules.export import sample_ids_fingerprint
@@ -139,11 +139,6 @@ def per_sample(values: Tensor, batch_dims: int = 1) -> Tensor:
     """Per-sample values from per-state ones: [..., m] -> [...] (the mean over the m target states);
     values with only `batch_dims` dimensions (one target state) are returned as they are."""
     return values.mean(-1) if values.ndim > batch_dims else values
-
-
-def last_state(states: Tensor) -> Tensor:
-    """The closing tag's state: [B, D] as is, the last of [B, m, D]."""
-    return states[:, -1] if states.ndim == 3 else states
 
 
 class StatesQuality(nn.Module):
@@ -769,7 +764,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         decompressed = self.decompress(step_predictions[stop, torch.arange(len(stop), device=stop.device)])
         post = self.full_target(batch)
         # the first answer token is predicted from the closing tag's state: the last of m
-        agreement = (self.first_token_agreement(last_state(decompressed), last_state(post))
+        agreement = (self.first_token_agreement(closing_state(decompressed), closing_state(post))
                      if self.hparams.first_token_backbone else None)
         return ScoredBatch(
             step_predictions=step_predictions, halt_probs=halt_probs, stop=stop,
