@@ -60,7 +60,8 @@ def write_shards(directory: Path, corrupt_post: bool = False, dim: int = D, num_
             post = torch.tanh(pre[0] * pre[-1]) + 0.1 * pre.mean(0)
             post_states = None
             if num_post_states > 1:
-                post_states = torch.stack([STATE_SCALES[j % 4] * 2 * pre.mean(0) + shifts[j] for j in range(num_post_states)])
+                post_states = torch.stack([STATE_SCALES[j % len(STATE_SCALES)] * 2 * pre.mean(0) + shifts[j]
+                                           for j in range(num_post_states)])
                 post = post_states[-1]
             if corrupt_post:
                 post = torch.full_like(post, float("nan"))

@@ -922,7 +922,7 @@ class TRMModule(FrozenBackboneMixin, L.LightningModule):
         target states the targets are the last m of the summaries' `post_states`."""
         if len(summaries.post) == 0:
             empty = torch.zeros(0, self.compressor.d_compressed)
-            states = () if self.n_states == 1 else (self.n_states,)
+            states = self.trm.prediction_shape[:-1]  # () or (m,)
             return CompressedSummaries(empty, empty, empty.view(0, *states, empty.shape[1]),
                                        torch.zeros(0, *states, self.compressor.d_model),
                                        torch.zeros(self.compressor.d_compressed, dtype=torch.float64),
