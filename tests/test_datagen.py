@@ -51,15 +51,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The tiny model gains nothing from threads, and on shared cores they thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def math_jsonl(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "mathp.jsonl", MATH_ROWS)

@@ -13,7 +13,6 @@ from llm_trm.thinking import THINK_CLOSE
 
 @pytest.fixture(scope="module")
 def backbone(tiny_backbone_dir):
-    torch.set_num_threads(1)
     return load_backbone(str(tiny_backbone_dir), "float32")
 
 

@@ -34,15 +34,6 @@ TINY_TRM = dict(n_layers=1, n_heads=2, n_latent_steps=1, n_deep_recursions=1, n_
 SMALL = dict(group_size=2, max_answer_tokens=3, lr_trm=1e-3, lr_compressor=1e-3, lr_adapter=1e-2, warmup_steps=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a shared machine spinning OpenMP threads slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_parts(directory: Path, backbone: Path, d_model: int = D) -> tuple[Path, Path]:
     torch.manual_seed(0)
     meta = {"backbone": backbone_id(str(backbone)), "layer": -1}

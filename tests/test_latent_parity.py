@@ -28,14 +28,6 @@ QUESTIONS = ["What is 3 + 4?", "Natalia sold 48 clips in April and half as many 
              "What is 2 * 5?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_problems(path: Path) -> Path:
     path.write_text("".join(json.dumps({"question": q, "answer": "7"}) + "\n" for q in QUESTIONS))
     return path

@@ -52,14 +52,6 @@ class StatesStub(LatentAdapter):
         return F.normalize(states, dim=-1) * self.norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def backbone(tiny_backbone_dir):
     return load_backbone(str(tiny_backbone_dir), "float32")

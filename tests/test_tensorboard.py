@@ -27,14 +27,6 @@ SCHEME = ("train/", "val/", "baseline/", "eval/", "lr-")
 LIGHTNING_TAGS = {"epoch", "hp_metric"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_events(log_root: Path) -> EventAccumulator:
     (run,) = {path.parent for path in log_root.rglob("events.out.tfevents.*")}
     events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})

@@ -84,16 +84,6 @@ def compressor_dir(tmp_path_factory) -> Path:
     return compressor.save_pretrained(tmp_path_factory.mktemp("compressor"), metadata={"backbone": "tiny", "layer": -1})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP threads that spin-wait
-    for busy cores slow small matmuls down by two orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_module(compressor_dir: Path, seed: int = 0, **overrides) -> TRMModule:
     torch.manual_seed(seed)
     return TRMModule(compressor_checkpoint=str(compressor_dir), **{**TINY, **overrides})
