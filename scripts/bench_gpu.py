@@ -507,28 +507,9 @@ def part_generation(bench: Bench, out: dict[str, Any]) -> None:
 
 def step_clock():
     """A Lightning callback timing every training batch (synchronised) with its peak GPU memory."""
-    from lightning.pytorch.callbacks import Callback
+    from timing import BatchClock  # scripts/timing.py
 
-    class StepClock(Callback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.peaks: list[float | None] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
-                reset_peak(pl_module.device)
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            cuda = pl_module.device.type == "cuda"
-            if cuda:
-                torch.cuda.synchronize(pl_module.device)
-            self.seconds.append(time.perf_counter() - self._start)
-            self.peaks.append(torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if cuda else None)
-
-    return StepClock()
+    return BatchClock(reset_peak)
 
 
 def token_batches(bench: Bench, count: int) -> list[dict[str, torch.Tensor]]:

@@ -20,12 +20,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from timing import BatchClock  # scripts/timing.py
 
 from llm_trm.backbone import backbone_id, hidden_size_of
 from llm_trm.data.grpo_data import GRPODataModule
@@ -34,23 +33,15 @@ from llm_trm.models.trm import SequenceTRM
 from llm_trm.modules.grpo import GRPOModule
 
 
-class StepClock(Callback):
+class StepClock(BatchClock):
     """Wall time and sampled answer tokens of every training step."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        super().__init__()
         self.tokens: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         answers = len(batch) * pl_module.hparams.group_size
         self.tokens.append(float(trainer.callback_metrics["train/answer_length"]) * answers)
 
@@ -95,7 +86,7 @@ def run(backbone: str, work: Path, args: argparse.Namespace, reuse_prompt_cache:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[clock])
     trainer.fit(module, data)
-    return {"times": clock.times[1:], "tokens": clock.tokens[1:]}  # the first step warms up
+    return {"times": clock.seconds[1:], "tokens": clock.tokens[1:]}  # the first step warms up
 
 
 def compare(backbone: str, work: Path, args: argparse.Namespace) -> dict[bool, dict[str, float]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from timing import BatchClock  # scripts/timing.py
 
 from llm_trm.data.shards import HiddenPairDataModule, ShardWriter
 from llm_trm.models.compressor import DimensionCompressor
@@ -115,28 +115,13 @@ def learning_benchmark(args: argparse.Namespace, workdir: Path) -> str:
 # ---------------------------------------------------------------------------- (b) speed
 
 
-class BatchTimer(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def time_training_batch(args: argparse.Namespace, pairs: Path, compressor: Path, per_step_updates: bool) -> float:
     """Seconds of the second training batch (the first warms up), default architecture, no early halting."""
     torch.manual_seed(0)
     module = TRMModule(compressor_checkpoint=str(compressor), n_supervision_steps=args.speed_supervision_steps,
                        use_halting=False, per_step_updates=per_step_updates)
     data = HiddenPairDataModule(str(pairs), batch_size=args.speed_batch_size, val_fraction=0.25)
-    timer = BatchTimer()
+    timer = BatchClock()
     quiet_trainer(args, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[timer]).fit(module, data)
     return timer.seconds[-1]
 
