@@ -62,8 +62,8 @@ RESULTS_JSON, SUMMARY_CSV, RESULTS_CSV, PLOT_PNG = "results.json", "summary.csv"
 FIDELITY_PNG = "fidelity_ladder.png"
 # the ladder the fidelity figure draws, from no thinking to the LLM's own thinking
 LADDER = ("no_think", "shuffled", "trm_first_token", "trm", "oracle", "oracle_full", "cot")
-# warm-up: one batch per mode with this many answer / thinking tokens at most
-WARMUP_TOKENS = 2
+# warm-up: one small batch per mode (two problems: `shuffled` needs a pair), this many answer / thinking tokens
+WARMUP_PROBLEMS, WARMUP_TOKENS = 2, 2
 
 
 # --------------------------------------------------------------------------- config
@@ -570,16 +570,16 @@ def execution_order(modes: Sequence[str]) -> list[str]:
 
 def warm_up(reasoner: LatentReasoner, modes: Sequence[str], problems: Sequence[Problem], batch_size: int,
             max_new_tokens: int, max_thinking_tokens: int) -> float:
-    """Answer one batch in every mode, with at most WARMUP_TOKENS answer / thinking tokens, and discard it:
-    the one-time costs (first kernels, allocations, lazy initialisation) are paid here, not by whichever
-    mode is timed first. Returns the seconds it took."""
+    """Answer one small batch (WARMUP_PROBLEMS problems, at most WARMUP_TOKENS answer / thinking tokens) in
+    every mode and discard it: the one-time costs (first kernels, allocations, lazy initialisation) are paid
+    here, not by whichever mode is timed first. Returns the seconds it took."""
     started = time.perf_counter()
-    batch = list(problems[: max(batch_size, 2)])  # `shuffled` needs two problems
+    batch = list(problems[:WARMUP_PROBLEMS])
     for mode in modes:
         try:
             reasoner.answer(batch, mode=mode, max_new_tokens=min(WARMUP_TOKENS, max_new_tokens),
-                            max_thinking_tokens=min(WARMUP_TOKENS, max_thinking_tokens), batch_size=batch_size,
-                            on_error="record")
+                            max_thinking_tokens=min(WARMUP_TOKENS, max_thinking_tokens),
+                            batch_size=min(batch_size, WARMUP_PROBLEMS), on_error="record")
         except Exception:  # noqa: BLE001 - a mode that cannot run fails (and is recorded) in its timed run
             continue
     return time.perf_counter() - started
@@ -625,8 +625,9 @@ def report_notes(config: Namespace, warmup_s: float | None) -> list[str]:
     budget = (f"{min(WARMUP_TOKENS, config.max_new_tokens)} answer / "
               f"{min(WARMUP_TOKENS, config.max_thinking_tokens)} thinking tokens")
     notes = [
-        (f"Times are steady state: before any timed run every mode answered one batch of {config.batch_size} "
-         f"problems ({budget}), discarded ({warmup_s:.1f} s), so one-time costs are not paid by the first mode timed."
+        (f"Times are steady state: before any timed run every mode answered one warm-up batch of "
+         f"{WARMUP_PROBLEMS} problems ({budget}), discarded ({warmup_s:.1f} s), so one-time costs are not paid "
+         "by the first mode timed."
          if warmup_s is not None else
          "No warm-up (warmup: false): the first mode timed pays the one-time costs (first kernels, allocations)."),
         ("cot is timed as a user of the LLM runs it: one continuous generation (thinking, then the answer) with "

@@ -301,7 +301,7 @@ def test_every_mode_is_warmed_up_before_any_mode_is_timed(tiny_backbone_dir, pro
     payload = json.loads((tmp_path / "report" / RESULTS_JSON).read_text())
     assert [s["mode"] for s in payload["summary"]] == ["no_think", "trm", "cot", "oracle"]  # the order asked for
     notes = " ".join(payload["config"]["notes"])
-    assert ("every mode answered one batch" in notes) is warmup and ("No warm-up" in notes) is not warmup
+    assert ("every mode answered one warm-up batch" in notes) is warmup and ("No warm-up" in notes) is not warmup
     assert "cot is timed as a user of the LLM runs it: one continuous generation" in notes
 
 
