@@ -12,7 +12,6 @@ from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.eval.answers import check_answer, extract_math_answer
 from llm_trm.batching import position_ids
-from llm_trm.generation import ThinkingBudget
 from llm_trm.inference import MODES, ORACLE_MODES, AnswerResult, LatentReasoner, derangement, wilson_interval
 from llm_trm.latent import encode_prompt
 from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter, mean_embedding_norm
