@@ -458,3 +458,40 @@ def test_a_crash_in_record_mode_is_flagged(reasoner, monkeypatch):
     assert [(r.error, r.crashed) for r in results] == [("RuntimeError: out of memory", True)] * 2
     too_long = Problem("toy:long", "toy", 9, "seven " * 600, "7", "math")
     assert reasoner.answer([too_long], mode="no_think", on_error="record")[0].crashed is False
+
+
+class LastStatesStub(LatentAdapter):
+    """An adapter that takes m states [B, m, D] (as the bridge's will, `n_states = m`): one soft vector each."""
+
+    kind = "test_last_states"
+
+    def __init__(self, d_model: int, n_states: int) -> None:
+        super().__init__()
+        self.d_model = self.d_embed = d_model
+        self.n_states = self.n_vectors = n_states
+        self.metadata = {}
+
+    def config(self):
+        return {"kind": self.kind, "d_model": self.d_model, "n_states": self.n_states}
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        assert states.shape[1:] == (self.n_states, self.d_model), states.shape
+        return torch.nn.functional.normalize(states.float(), dim=-1) * 0.5
+
+
+def test_oracle_hands_the_last_m_states_to_an_adapter_that_takes_m(backbone, generate_spy):
+    m = 3
+    compressor = make_compressor(backbone)
+    reasoner = LatentReasoner(backbone, compressor=compressor, adapter=LastStatesStub(backbone.hidden_size, m),
+                              device="cpu")
+    assert reasoner.n_states == m
+    problems = distinct_problems(2)
+    reasoner.answer(problems, mode="oracle_full", max_new_tokens=1, max_thinking_tokens=3)
+    reasoner.answer(problems, mode="oracle", max_new_tokens=1, max_thinking_tokens=3)
+    full, compressed = generate_spy.soft_vectors(reasoner).split(2)
+    with torch.no_grad():
+        states = torch.stack([torch.stack([extraction_state(reasoner, p, t.ids, offset) for offset in (2, 1, 0)])
+                              for p, t in zip(problems, reasoner.thoughts(problems, 3))])  # [B, m, D], in order
+        assert gap(full, reasoner.adapter(states)) < 1e-4
+        assert gap(compressed, reasoner.adapter(compressor.decompress(compressor.compress(states)))) < 1e-4
+        assert gap(full, reasoner.adapter(states.flip(1))) > 1e-2  # the order of the m states matters
