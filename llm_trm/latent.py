@@ -75,18 +75,24 @@ def load_compressor_and_trm(compressor: str | DimensionCompressor, trm: str | Se
 def check_parts(compressor: DimensionCompressor, trm: SequenceTRM, hidden_size: int, backbone_id: str, layer: int,
                 compressor_source: str = "the compressor", trm_source: str = "the TRM") -> None:
     """Compressor and TRM fit the backbone (D, id, layer) and each other (D'): else one line naming both values."""
-    if compressor.d_model != hidden_size:
-        raise ConfigMismatchError(
-            f"{compressor_source} maps D={compressor.d_model} but backbone {backbone_id} has D={hidden_size}: "
-            "use the compressor trained on this backbone."
-        )
+    check_compressor(compressor, hidden_size, backbone_id, layer, compressor_source)
     if trm.d_compressed != compressor.d_compressed:
         raise ConfigMismatchError(
             f"{trm_source} works in D'={trm.d_compressed} but {compressor_source} gives "
             f"D'={compressor.d_compressed}: use the compressor the TRM was trained with."
         )
-    check_compatible(compressor_source, compressor.metadata, {"backbone": backbone_id, "layer": layer})
     check_compatible(trm_source, trm.metadata, {"d_model": hidden_size, "backbone": backbone_id, "layer": layer})
+
+
+def check_compressor(compressor: DimensionCompressor, hidden_size: int, backbone_id: str, layer: int,
+                     source: str = "the compressor") -> None:
+    """The compressor fits the backbone (D, id, layer): else one line naming both values."""
+    if compressor.d_model != hidden_size:
+        raise ConfigMismatchError(
+            f"{source} maps D={compressor.d_model} but backbone {backbone_id} has D={hidden_size}: "
+            "use the compressor trained on this backbone."
+        )
+    check_compatible(source, compressor.metadata, {"backbone": backbone_id, "layer": layer})
 
 
 def build_adapter(spec: str | LatentAdapter, embedding_weight: Tensor, hidden_size: int, n_soft_vectors: int = 1,
@@ -130,6 +136,16 @@ def check_adapter(adapter: LatentAdapter, hidden_size: int, d_embed: int, source
         )
 
 
+def load_adapter(backbone: Backbone, spec: str | LatentAdapter = "auto", n_soft_vectors: int = 1,
+                 trm_spec: Any = None) -> LatentAdapter:
+    """The input adapter for `backbone` (see `build_adapter`), checked against it: what `LatentParts.load`
+    uses, and what the oracle modes use without a TRM."""
+    embeddings = backbone.model.get_input_embeddings().weight
+    adapter = build_adapter(spec, embeddings, backbone.hidden_size, n_soft_vectors, trm_spec)
+    check_adapter(adapter, backbone.hidden_size, embeddings.shape[1], describe(spec, "adapter"))
+    return adapter
+
+
 @dataclass
 class LatentParts:
     """The trained parts of the latent path, checked against the backbone and each other."""
@@ -148,9 +164,7 @@ class LatentParts:
         chosen = backbone.check_layer(int(compressor_model.metadata.get("layer", -1)) if layer is None else layer)
         check_parts(compressor_model, trm_model, backbone.hidden_size, backbone.backbone_id, chosen,
                     describe(compressor, "compressor"), describe(trm, "TRM"))
-        embeddings = backbone.model.get_input_embeddings().weight
-        adapter_model = build_adapter(adapter, embeddings, backbone.hidden_size, n_soft_vectors, trm)
-        check_adapter(adapter_model, backbone.hidden_size, embeddings.shape[1], describe(adapter, "adapter"))
+        adapter_model = load_adapter(backbone, adapter, n_soft_vectors, trm)
         check_state_count(trm_model, adapter_model, describe(trm, "TRM"), describe(adapter, "adapter"))
         return cls(compressor_model, trm_model, adapter_model, chosen)
 

@@ -9,6 +9,10 @@ answer token of `cot`, `no_think`, `trm` and `trm_first_token`, and the TRM's ow
 overhead (compression + recursion + decompression + adapter). Targets: `trm` time to answer <= 1/5 of `cot`'s; TRM overhead <= 10% of
 `no_think`'s time to answer.
 
+Steady state, as `llm-trm evaluate` times it: every mode answers a warm-up batch first
+(`llm_trm.evaluate.warm_up`, discarded), so no mode pays the one-time costs; `cot` is one
+continuous generation (thinking, then the answer) with its own KV cache.
+
 It uses the demo's trained compressor and TRM when `make demo` has written them
 (runs/demo/compressor_1b, runs/demo/trm_model), else a random compressor (D'=64) and a
 random TRM with the demo's architecture (2 layers, n=2, T=2, N_sup=4, no halting
@@ -26,12 +30,15 @@ import torch
 
 from llm_trm.backbone import load_backbone
 from llm_trm.data.problems import load_problems
-from llm_trm.inference import MODES, AnswerResult, LatentReasoner
+from llm_trm.evaluate import warm_up
+from llm_trm.inference import AnswerResult, LatentReasoner
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_COMPRESSOR, DEMO_TRM = ROOT / "runs/demo/compressor_1b", ROOT / "runs/demo/trm_model"
+# the modes whose latency is compared (the oracle modes think as cot does: they save no time)
+MODES = ("cot", "no_think", "trm", "trm_first_token")
 # the demo TRM's architecture (configs/demo/trm.yaml)
 SMALL_TRM = dict(n_layers=2, n_heads=4, n_latent_steps=2, n_deep_recursions=2, n_supervision_steps=4)
 
@@ -65,8 +72,8 @@ def run_interleaved(reasoner: LatentReasoner, problems, args: argparse.Namespace
     The machines are shared: interleaving spreads a load spike over all modes instead of
     one, and the fastest of a few runs estimates the cost of the work itself.
     """
-    for mode in MODES:  # warm-up
-        reasoner.answer(problems[:1], mode=mode, max_new_tokens=2, max_thinking_tokens=2)
+    warm_up(reasoner, MODES, problems, batch_size=1, max_new_tokens=args.max_new_tokens,
+            max_thinking_tokens=args.max_thinking_tokens)
     best: dict[str, list[AnswerResult]] = {mode: [] for mode in MODES}
     for problem in problems:
         runs: dict[str, list[AnswerResult]] = {mode: [] for mode in MODES}
@@ -98,8 +105,10 @@ def main() -> None:
                        if r.trm_overhead_s is not None])
     print(f"{len(problems)} gsm_symbolic test problems, batch 1, greedy, fp32, {torch.get_num_threads()} threads; "
           f"cot thinks up to {args.max_thinking_tokens} tokens, answers up to {args.max_new_tokens}; "
-          f"TRM modes use {description}, adapter {type(reasoner.adapter).__name__}. Modes interleaved per "
-          f"problem, fastest of {args.repeats} runs per (mode, problem), medians over problems.\n")
+          f"TRM modes use {description}, adapter {type(reasoner.adapter).__name__}. Steady state: every mode "
+          f"answered a warm-up batch first (discarded); cot is one continuous generation (thinking, then the "
+          f"answer) with its own KV cache. Modes interleaved per problem, fastest of {args.repeats} runs per "
+          f"(mode, problem), medians over problems.\n")
     print("| mode | time to answer (s) | total (s) | thinking tokens | answer tokens | TRM steps | vs cot |")
     print("|---|---|---|---|---|---|---|")
     for mode, rows in results.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,23 @@ from llm_trm.cli import main as cli_main
 from llm_trm.data.shards import ShardWriter, read_index
 from llm_trm.errors import DataError
 from llm_trm.evaluate import (
+    FIDELITY_PNG,
     PLOT_PNG,
     RESULTS_CSV,
     RESULTS_JSON,
     SUMMARY_CSV,
+    add_fidelity,
     add_speedups,
     build_parser,
+    check_modes,
+    compare_with_cot,
     held_out_problems,
+    markdown_table,
     summarize,
 )
-from llm_trm.inference import AnswerResult, wilson_interval
+from llm_trm.data.problems import Problem
+from llm_trm.eval.fidelity import share_recovered
+from llm_trm.inference import MODES, AnswerResult, LatentReasoner, wilson_interval
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
 
@@ -139,6 +147,7 @@ def write_config(path: Path, **values) -> Path:
 
 
 def check_report(output_dir: Path, modes: list[str], problems: int) -> dict:
+    """The report's files exist and parse, with one summary per mode and one row per (mode, problem)."""
     payload = json.loads((output_dir / RESULTS_JSON).read_text())
     assert [s["mode"] for s in payload["summary"]] == modes
     assert all(len(payload["results"][mode]) == problems for mode in modes)
@@ -148,8 +157,17 @@ def check_report(output_dir: Path, modes: list[str], problems: int) -> dict:
     with open(output_dir / RESULTS_CSV) as handle:
         assert len(list(csv.DictReader(handle))) == problems * len(modes)
     assert (output_dir / PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output_dir / FIDELITY_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))
     return payload
+
+
+def tensorboard_tags(directory: Path) -> tuple[set[str], set[str]]:
+    """(scalar tags, image tags) written under `directory`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"images": 0, "scalars": 0}).Reload()
+    return set(events.Tags()["scalars"]), set(events.Tags()["images"])
 
 
 def test_evaluate_command_writes_a_report_that_parses(tiny_backbone_dir, problem_file, tmp_path, capsys):
@@ -160,23 +178,205 @@ def test_evaluate_command_writes_a_report_that_parses(tiny_backbone_dir, problem
     # one problem far too long for the 512-token context: counted, and the report is still written
     long_file = tmp_path / "toy.jsonl"
     long_file.write_text(problem_file.read_text().replace(QUESTIONS[2], "apples " * 600))
-    modes = ["cot", "no_think", "trm", "trm_first_token"]
+    modes = list(MODES)  # every mode: cot, no_think, the TRM modes and the oracles
     config = write_config(
         tmp_path / "eval.yaml", backbone=str(tiny_backbone_dir), compressor=str(compressor_dir), trm=str(trm_dir),
         datasets=f"jsonl:{long_file}", split="test", num_samples=3, exclude_from=str(shards), modes=modes,
         batch_size=2, max_new_tokens=3, max_thinking_tokens=2, dtype="float32", device="cpu",
-        output_dir=str(tmp_path / "report"), progress=False,
+        output_dir=str(tmp_path / "report"), progress=False, bootstrap_resamples=200,
     )
 
     assert cli_main(["evaluate", "--config", str(config)]) == 0
 
     payload = check_report(tmp_path / "report", modes, problems=3)
     assert payload["config"]["problems"] == ["toy:1", "toy:2", "toy:3"]
-    for summary in payload["summary"]:
-        assert summary["failed"] == 1 and summary["checked"] == 3
+    summaries = {s["mode"]: s for s in payload["summary"]}
+    for summary in summaries.values():
+        assert summary["failed"] == 1 and summary["checked"] == 3 and summary["crashed"] == 0
+        # the over-long problem has no first token in cot either: left out, not counted as missing
+        assert (summary["kl_rows"], summary["kl_missing"], summary["first_token_rows"]) == (2, 0, 2)
+        assert summary["kl_to_cot"] >= 0 and summary["kl_ci_low"] <= summary["kl_to_cot"] <= summary["kl_ci_high"]
+    assert (summaries["cot"]["kl_to_cot"], summaries["cot"]["first_token_agreement"]) == (0.0, 1.0)
+    assert summaries["cot"]["share_kl"] == 1.0 and summaries["no_think"]["share_kl"] == 0.0
+    assert summaries["oracle"]["speedup_vs_cot"] is None and summaries["trm"]["speedup_vs_cot"] is not None
     assert "does not fit the context" in payload["results"]["trm"][1]["error"]
+    for mode in modes:
+        rows = payload["results"][mode]
+        assert rows[1]["kl_to_cot"] is None and all(isinstance(rows[i]["kl_to_cot"], float) for i in (0, 2))
+        assert "first_token_logits" not in rows[0]
+    assert [r["state_source"] for r in payload["results"]["shuffled"]] == ["toy:3", None, "toy:1"]
+    assert any("steady state" in note for note in payload["config"]["notes"])
+    assert payload["config"]["warmup_s"] > 0
+
+    scalars, images = tensorboard_tags(tmp_path / "report" / "tensorboard")
+    assert {"eval/trm/kl_to_cot", "eval/oracle/share_kl", "eval/shuffled/first_token_agreement",
+            "eval/cot/accuracy"} <= scalars
+    assert {"eval/fidelity_ladder", "eval/accuracy_vs_tokens"} <= images
     printed = capsys.readouterr().out
-    assert "speed-up vs cot" in printed and "trm_first_token" in printed
+    assert "speed-up vs cot" in printed and "trm_first_token" in printed and "CoT fidelity" in printed
+    assert "checker errors" in printed and "one continuous generation" in printed
+
+
+# ------------------------------------------------------------------------------ modes, failures, warm-up
+
+
+def test_bad_mode_lists_are_one_line_errors():
+    with pytest.raises(DataError, match="modes lists trm more than once: list each mode once"):
+        check_modes(["no_think", "trm", "trm"], has_trm=True)
+    with pytest.raises(DataError, match="unknown or no modes \\['oracel'\\]"):
+        check_modes(["oracel"], has_trm=True)
+    with pytest.raises(DataError, match="oracle / shuffled send the true state through the compressor"):
+        check_modes(["oracle"], has_trm=False, has_compressor=False)
+    assert check_modes(["oracle_full", "oracle"], has_trm=False, has_compressor=True) == ["oracle_full", "oracle"]
+    with pytest.raises(DataError, match="modes cot, shuffled need the LLM to think, but max_thinking_tokens is 0"):
+        check_modes(["cot", "no_think", "shuffled"], has_trm=True, max_thinking_tokens=0)
+    assert check_modes(["no_think", "trm"], has_trm=True, max_thinking_tokens=0) == ["no_think", "trm"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--modes", "[no_think, trm, trm]"], "modes lists trm more than once"),
+    (["--modes", "[no_think, oracle_full]", "--max_thinking_tokens", "0"], "oracle_full need the LLM to think"),
+])
+def test_bad_modes_stop_the_command_before_anything_is_written(problem_file, tmp_path, capsys, extra, message):
+    output_dir = tmp_path / "report"
+    args = ["evaluate", "--datasets", f"jsonl:{problem_file}", "--compressor", "c", "--trm", "t",
+            "--output_dir", str(output_dir), *extra]
+    with pytest.raises(DataError, match=message):
+        cli_main(args)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("llm-trm: error: ") and message in line
+    assert not output_dir.exists()
+
+
+def tiny_run(tmp_path: Path, backbone_dir: Path, problem_file: Path, modes: list[str], **values) -> Path:
+    """A config for `llm-trm evaluate` on the tiny backbone with random parts, 2 problems, a few tokens."""
+    from llm_trm.backbone import backbone_id
+
+    compressor_dir, trm_dir = save_latent_parts(tmp_path, backbone_id(str(backbone_dir)), d_model=64)
+    settings = dict(backbone=str(backbone_dir), compressor=str(compressor_dir), trm=str(trm_dir),
+                    datasets=f"jsonl:{problem_file}", split="test", num_samples=2, modes=modes, batch_size=2,
+                    max_new_tokens=3, max_thinking_tokens=3, dtype="float32", device="cpu",
+                    output_dir=str(tmp_path / "report"), progress=False, bootstrap_resamples=100)
+    return write_config(tmp_path / "eval.yaml", **{**settings, **values})
+
+
+def test_a_crashing_mode_makes_the_command_fail_after_writing_the_report(tiny_backbone_dir, problem_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LatentReasoner, "latent_inputs", crash)
+    config = tiny_run(tmp_path, tiny_backbone_dir, problem_file, ["cot", "no_think", "trm"])
+
+    assert cli_main(["evaluate", "--config", str(config)]) == 1
+
+    payload = check_report(tmp_path / "report", ["cot", "no_think", "trm"], problems=2)
+    summaries = {s["mode"]: s for s in payload["summary"]}
+    assert (summaries["trm"]["crashed"], summaries["trm"]["first_crash"]) == (2, "RuntimeError: boom")
+    assert summaries["cot"]["crashed"] == summaries["no_think"]["crashed"] == 0
+    assert summaries["trm"]["kl_missing"] == 2 and summaries["trm"]["kl_to_cot"] is None
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("llm-trm: error: mode(s) crashed: trm on 2 of 2 problems (RuntimeError: boom)")
+    assert str(tmp_path / "report") in line
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_every_mode_is_warmed_up_before_any_mode_is_timed(tiny_backbone_dir, problem_file, tmp_path, monkeypatch,
+                                                          warmup):
+    calls = []
+    real_answer = LatentReasoner.answer
+
+    def recording_answer(self, problems, mode="trm", **kwargs):
+        calls.append((mode, kwargs["max_new_tokens"], kwargs.get("capture_logits", False)))
+        return real_answer(self, problems, mode=mode, **kwargs)
+
+    monkeypatch.setattr(LatentReasoner, "answer", recording_answer)
+    config = tiny_run(tmp_path, tiny_backbone_dir, problem_file, ["no_think", "trm", "cot", "oracle"], warmup=warmup)
+
+    assert cli_main(["evaluate", "--config", str(config)]) == 0
+
+    timed = [(mode, 3, True) for mode in ["cot", "no_think", "trm", "oracle"]]  # cot first: the reference
+    warm = [(mode, 2, False) for mode in ["cot", "no_think", "trm", "oracle"]]
+    assert calls == (warm + timed if warmup else timed)
+    payload = json.loads((tmp_path / "report" / RESULTS_JSON).read_text())
+    assert [s["mode"] for s in payload["summary"]] == ["no_think", "trm", "cot", "oracle"]  # the order asked for
+    notes = " ".join(payload["config"]["notes"])
+    assert ("every mode answered one warm-up batch" in notes) is warmup and ("No warm-up" in notes) is not warmup
+    assert "cot is timed as a user of the LLM runs it: one continuous generation" in notes
+
+
+# ------------------------------------------------------------------------------ CoT fidelity in the summary
+
+
+def result(mode: str, index: int, **values) -> AnswerResult:
+    return AnswerResult(sample_id=f"toy:{index}", mode=mode, **values)
+
+
+def test_rows_are_compared_with_cot_by_answer_first_token_and_kl():
+    def logits(*probabilities):
+        return torch.tensor(probabilities).log()
+
+    problems = [Problem(f"toy:{i}", "toy", i, "q", "1", "math") for i in range(3)]
+    cot = [result("cot", 0, extracted_answer="12", first_token_logits=logits(0.5, 0.5), first_answer_token=0),
+           result("cot", 1, extracted_answer=None, first_token_logits=logits(0.9, 0.1), first_answer_token=0),
+           result("cot", 2, extracted_answer="4", first_token_logits=logits(0.9, 0.1), first_answer_token=0)]
+    trm = [result("trm", 0, extracted_answer="12.0", first_token_logits=logits(0.25, 0.75), first_answer_token=1),
+           result("trm", 1, extracted_answer="3", first_token_logits=None),  # wrote no answer
+           result("trm", 2, extracted_answer="4", error="crashed", first_token_logits=None)]
+    compare_with_cot(trm, cot, problems)
+    assert trm[0].answer_agrees_with_cot is True and trm[0].first_token_agrees_with_cot is False
+    assert trm[0].kl_to_cot == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    assert (trm[1].answer_agrees_with_cot, trm[1].kl_to_cot, trm[1].first_token_agrees_with_cot) == (None, None, None)
+    assert trm[2].answer_agrees_with_cot is False  # a failed problem gave no answer
+    compare_with_cot(cot, cot, problems)
+    assert [r.kl_to_cot for r in cot] == [0.0, 0.0, 0.0] and all(r.first_token_agrees_with_cot for r in cot)
+
+
+def test_fidelity_summary_matches_hand_values_when_accuracy_is_zero_everywhere():
+    kl = {"cot": [0.0, 0.0, 0.0, 0.0], "no_think": [1.0, 2.0, 1.0, None], "trm": [0.5, 1.0, 0.5, 0.2]}
+    agree = {"cot": [True] * 4, "no_think": [False, False, True, None], "trm": [True, False, True, False]}
+    first = {"cot": [True] * 4, "no_think": [False, True, False, False], "trm": [True, True, False, True]}
+    results = {mode: [result(mode, i, correct=False, kl_to_cot=kl[mode][i], answer_agrees_with_cot=agree[mode][i],
+                             first_token_agrees_with_cot=first[mode][i]) for i in range(4)] for mode in kl}
+    summaries = [summarize(mode, rows) for mode, rows in results.items()]
+    add_fidelity(summaries, results, resamples=500, seed=0)
+    cot, no_think, trm = summaries
+
+    assert trm.answer_agreement == 0.5 and trm.answer_agreement_rows == 4
+    assert (trm.answer_agreement_ci_low, trm.answer_agreement_ci_high) == pytest.approx(wilson_interval(2, 4))
+    assert no_think.answer_agreement == pytest.approx(1 / 3) and no_think.answer_agreement_rows == 3
+    assert trm.kl_to_cot == pytest.approx((0.5 + 1.0 + 0.5 + 0.2) / 4) and trm.kl_rows == 4
+    assert no_think.kl_missing == 1 and trm.kl_missing == 0 and no_think.kl_rows == 3
+    # shares over the problems where mode, no_think and cot are all defined (rows 0-2 for KL and answers)
+    assert trm.share_kl == pytest.approx(((2 / 3) - (4 / 3)) / (0 - 4 / 3))  # 0.5
+    assert trm.share_answer_agreement == pytest.approx(((2 / 3) - (1 / 3)) / (1 - 1 / 3))  # 0.5
+    assert trm.share_first_token_agreement == pytest.approx((3 / 4 - 1 / 4) / (1 - 1 / 4))
+    assert trm.share_kl == share_recovered(kl["trm"], kl["no_think"], kl["cot"], 500, 0).value
+    assert (cot.share_kl, no_think.share_kl) == (1.0, 0.0)
+    # accuracy 0 everywhere: no effect to recover, reported as undefined, not a division by zero
+    assert all(s.accuracy == 0.0 and s.share_accuracy is None and s.share_accuracy_ci_low is None for s in summaries)
+    table = markdown_table(summaries)
+    assert "| trm | 0.50 [0.15, 0.85] |" in table and "| 0.55 [" in table  # answer agreement, mean KL
+
+
+def test_without_cot_there_is_no_fidelity_and_without_no_think_no_share():
+    rows = [result("trm", 0, correct=True, kl_to_cot=None)]
+    only_trm = [summarize("trm", rows)]
+    add_fidelity(only_trm, {"trm": rows})
+    assert only_trm[0].kl_to_cot is None and only_trm[0].answer_agreement is None
+    results = {"cot": [result("cot", 0, correct=True, kl_to_cot=0.0, answer_agrees_with_cot=True)],
+               "trm": [result("trm", 0, correct=False, kl_to_cot=0.3, answer_agrees_with_cot=False)]}
+    summaries = [summarize(mode, r) for mode, r in results.items()]
+    add_fidelity(summaries, results)
+    assert summaries[1].kl_to_cot == pytest.approx(0.3) and summaries[1].share_kl is None
+
+
+def test_checker_errors_are_counted_apart_from_wrong_answers():
+    rows = [result("trm", 0, correct=True), result("trm", 1, correct=False),
+            result("trm", 2, correct=None, checker_error="RuntimeError: sandbox unavailable")]
+    summary = summarize("trm", rows)
+    assert (summary.checker_errors, summary.checked, summary.correct, summary.accuracy) == (1, 2, 1, 0.5)
+    assert "| trm | 0.500 [" in markdown_table([summary]) and "| 0 | 1 |" in markdown_table([summary])
 
 
 def test_trm_modes_without_a_trm_are_refused(problem_file, tmp_path):
@@ -191,8 +391,10 @@ def test_trm_modes_without_a_trm_are_refused(problem_file, tmp_path):
 @pytest.mark.parametrize("path", ["configs/eval/gsm8k.yaml", "configs/demo/evaluate.yaml"])
 def test_shipped_configs_parse(path):
     config = build_parser().parse_args(["--config", str(ROOT / path)])
-    assert config.modes == ["cot", "no_think", "trm", "trm_first_token"]
+    assert config.modes == ["cot", "no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled"]
     assert config.exclude_from and config.compressor and config.trm
+    assert config.warmup is True and config.bootstrap_resamples == 2000
+    assert check_modes(config.modes, has_trm=True, max_thinking_tokens=config.max_thinking_tokens) == config.modes
 
 
 # ------------------------------------------------------------------------------ the embedded model

@@ -12,7 +12,8 @@ from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.eval.answers import check_answer, extract_math_answer
 from llm_trm.batching import position_ids
-from llm_trm.inference import MODES, AnswerResult, LatentReasoner, wilson_interval
+from llm_trm.inference import MODES, ORACLE_MODES, AnswerResult, LatentReasoner, derangement, wilson_interval
+from llm_trm.latent import encode_prompt
 from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter, mean_embedding_norm
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
@@ -73,7 +74,7 @@ def test_every_mode_returns_the_documented_fields(reasoner, mode):
         assert result.correct is check_answer(problem, result.answer_text)
         assert 0 <= result.answer_tokens <= 4
         assert 0 <= result.time_to_first_answer_token_s <= result.total_time_s
-        if mode == "cot":
+        if mode == "cot" or mode in ORACLE_MODES:
             assert 0 <= result.thinking_tokens <= 3
             # a forced close happens only when the thinking budget ran out
             assert result.closed_thinking is True or (result.closed_thinking is False and result.thinking_tokens == 3)
@@ -81,21 +82,46 @@ def test_every_mode_returns_the_documented_fields(reasoner, mode):
             assert result.thinking_tokens == 0
         if mode in ("trm", "trm_first_token"):
             assert 1 <= result.trm_steps <= N_SUP
+        else:
+            assert result.trm_steps is None
+        if mode in ("trm", "trm_first_token") or mode in ORACLE_MODES:
             assert result.trm_overhead_s is not None and result.trm_overhead_s >= 0
             assert result.soft_vectors == 1
         else:
-            assert result.trm_steps is None and result.trm_overhead_s is None
+            assert result.trm_overhead_s is None and result.soft_vectors == 0
+        if mode in ORACLE_MODES:  # whose true state was fed: its own, except in `shuffled`
+            assert (result.state_source == problem.sample_id) is (mode != "shuffled")
+        else:
+            assert result.state_source is None
+        assert result.first_token_logits is None and result.first_answer_token is None  # not asked for
     assert set(results[0].to_dict()) >= {
         "answer_text", "extracted_answer", "correct", "thinking_tokens", "answer_tokens", "trm_steps",
-        "time_to_first_answer_token_s", "total_time_s",
+        "time_to_first_answer_token_s", "total_time_s", "checker_error", "crashed", "kl_to_cot",
     }
+    assert "first_token_logits" not in results[0].to_dict()  # a side channel, never serialised
 
 
-def test_cot_and_no_think_run_without_a_trm(backbone):
+def test_cot_no_think_and_oracle_full_run_without_a_trm(backbone):
     plain = LatentReasoner(backbone, device="cpu")
     assert plain.answer(make_problems(1), mode="no_think", max_new_tokens=2)[0].error is None
-    with pytest.raises(Exception, match="compressor"):
-        plain.answer(make_problems(1), mode="trm")
+    # oracle_full needs only the adapter (norm matching by default)
+    assert plain.answer(make_problems(2), mode="oracle_full", max_new_tokens=2, max_thinking_tokens=2)[0].error is None
+    for mode in ("trm", "trm_first_token"):
+        with pytest.raises(LLMTRMError, match="needs a compressor and a TRM"):
+            plain.answer(make_problems(1), mode=mode)
+    for mode in ("oracle", "shuffled"):
+        with pytest.raises(LLMTRMError, match="through the compressor"):
+            plain.answer(make_problems(2), mode=mode)
+    # the oracle modes need a compressor, not a TRM
+    lone = LatentReasoner(backbone, compressor=make_compressor(backbone), device="cpu")
+    assert not lone.has_trm and lone.has_compressor
+    assert lone.answer(make_problems(2), mode="oracle", max_new_tokens=2, max_thinking_tokens=2)[0].error is None
+    with pytest.raises(LLMTRMError, match="needs a compressor and a TRM"):
+        lone.answer(make_problems(1), mode="trm")
+    with pytest.raises(ConfigMismatchError, match="pass `compressor=` as well"):
+        LatentReasoner(backbone, trm=make_trm(backbone), device="cpu")
+    with pytest.raises(ConfigMismatchError, match="D=32.*D=64"):
+        LatentReasoner(backbone, compressor=make_compressor(backbone, d_model=32), device="cpu")
 
 
 def test_cot_stops_at_the_closing_tag_and_splits_the_thinking(reasoner):
@@ -254,3 +280,218 @@ def test_wilson_interval_matches_a_hand_computation():
     assert (round(low, 3), round(high, 3)) == (0.490, 0.943)  # the textbook value
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------ oracle modes
+
+
+def distinct_problems(count: int) -> list[Problem]:
+    """Problems with distinct prompts (so distinct true states)."""
+    return [Problem(f"toy:{i}", "toy", i, f"What is {i} + {2 * i + 3}?", str(3 * i + 3), "math") for i in range(count)]
+
+
+class GenerateSpy:
+    """Records the keyword arguments of every `generate` call the reasoner makes."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self.real(*args, **kwargs)
+
+    def soft_vectors(self, reasoner) -> torch.Tensor:
+        """The k soft vectors of every latent generation so far, in order: `[prompt][soft]</think>`."""
+        close, k = len(reasoner.close_ids), reasoner.adapter.n_vectors
+        return torch.cat([c["inputs_embeds"][:, -close - k : -close] for c in self.calls
+                          if c.get("inputs_embeds") is not None])
+
+
+@pytest.fixture()
+def generate_spy(monkeypatch):
+    import llm_trm.inference as inference
+
+    spy = GenerateSpy(inference.generate)
+    monkeypatch.setattr(inference, "generate", spy)
+    return spy
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative distance ||a - b|| / ||b|| (soft vectors are small: the tiny model's embeddings are)."""
+    return float((a - b).norm() / b.norm())
+
+
+def extraction_state(reasoner, problem: Problem, thinking_ids, offset: int = 0) -> torch.Tensor:
+    """The final-layer state at the last token of prompt + thinking + closing tag, from one unpadded pass
+    (offset: that many positions earlier)."""
+    ids = encode_prompt(reasoner.tokenizer, problem).ids + list(thinking_ids) + reasoner.close_ids
+    out = reasoner.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[-1][0, -1 - offset]
+
+
+def test_oracle_hands_the_llm_the_state_an_extraction_pass_gives(reasoner, generate_spy):
+    problems = distinct_problems(3)
+    cot = reasoner.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3)
+    generate_spy.calls.clear()
+    reasoner.answer(problems, mode="oracle", max_new_tokens=2, max_thinking_tokens=3, batch_size=3)
+    # cot's very thinking is reused: the only generation is the answer's
+    assert len(generate_spy.calls) == 1 and generate_spy.calls[0]["inputs_embeds"] is not None
+    thoughts = reasoner.thoughts(problems, 3)
+    assert [reasoner.decode(t.ids) for t in thoughts] == [r.thinking_text for r in cot]
+
+    with torch.no_grad():
+        states = torch.stack([extraction_state(reasoner, p, t.ids) for p, t in zip(problems, thoughts)])
+        earlier = torch.stack([extraction_state(reasoner, p, t.ids, offset=1) for p, t in zip(problems, thoughts)])
+        compressor, adapter = reasoner.compressor, reasoner.adapter
+        expected = adapter(compressor.decompress(compressor.compress(states)))
+        handed = generate_spy.soft_vectors(reasoner)
+        assert gap(handed, expected) < 1e-4
+        # the test can tell: the state one position earlier, or skipping the compressor, gives other vectors
+        assert gap(handed, adapter(compressor.decompress(compressor.compress(earlier)))) > 1e-2
+        assert gap(handed, adapter(states)) > 1e-2
+
+        generate_spy.calls.clear()
+        reasoner.answer(problems, mode="oracle_full", max_new_tokens=2, max_thinking_tokens=3, batch_size=2)
+        assert gap(generate_spy.soft_vectors(reasoner), adapter(states)) < 1e-4
+
+
+def test_oracle_thinks_itself_when_cot_did_not_run(backbone, generate_spy):
+    fresh = LatentReasoner(backbone, compressor=make_compressor(backbone), device="cpu")
+    problems = distinct_problems(2)
+    results = fresh.answer(problems, mode="oracle", max_new_tokens=2, max_thinking_tokens=3)
+    thinking_calls = [c for c in generate_spy.calls if c.get("think") is not None]
+    assert len(thinking_calls) == 1 and thinking_calls[0]["think"].max_thinking_tokens == 3
+    # the same thinking cot does: cot afterwards thinks the same tokens
+    cot = fresh.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3)
+    assert [r.thinking_tokens for r in results] == [r.thinking_tokens for r in cot]
+    assert [fresh.decode(t.ids) for t in fresh.thoughts(problems, 3)] == [r.thinking_text for r in cot]
+
+
+def test_derangement_never_pairs_an_item_with_itself():
+    for count in range(2, 12):
+        for seed in range(3):
+            order = derangement(count, seed)
+            assert sorted(order) == list(range(count))
+            assert all(order[i] != i for i in range(count))
+    assert derangement(6, 0) == derangement(6, 0)
+    assert any(derangement(6, seed) != derangement(6, 0) for seed in range(1, 5))
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1)
+
+
+def test_shuffled_gives_each_problem_another_problems_true_state(reasoner, generate_spy):
+    problems = distinct_problems(5)
+    ids = [p.sample_id for p in problems]
+    reasoner.answer(problems, mode="oracle", max_new_tokens=2, max_thinking_tokens=3, batch_size=5)
+    own = generate_spy.soft_vectors(reasoner)
+    generate_spy.calls.clear()
+    # batches of 2: partners lie in other batches
+    results = reasoner.answer(problems, mode="shuffled", max_new_tokens=2, max_thinking_tokens=3, batch_size=2)
+    handed = generate_spy.soft_vectors(reasoner)
+
+    sources = [r.state_source for r in results]
+    assert sources == [ids[j] for j in derangement(5, 0)]
+    assert sorted(sources) == sorted(ids) and all(source != own_id for source, own_id in zip(sources, ids))
+    for row, source in enumerate(sources):
+        assert gap(handed[row], own[ids.index(source)]) < 1e-4  # the partner's true state
+        assert gap(handed[row], own[row]) > 1e-2  # not its own
+    # another seed, another pairing
+    other = reasoner.answer(problems, mode="shuffled", max_new_tokens=1, max_thinking_tokens=3, shuffle_seed=3)
+    assert [r.state_source for r in other] == [ids[j] for j in derangement(5, 3)] != sources
+    with pytest.raises(LLMTRMError, match="at least 2 problems"):
+        reasoner.answer(problems[:1], mode="shuffled", max_thinking_tokens=3)
+
+
+def test_modes_that_think_refuse_a_zero_thinking_budget_before_running(reasoner, generate_spy):
+    for mode in ("cot", "oracle", "oracle_full", "shuffled"):
+        with pytest.raises(LLMTRMError, match=f"mode '{mode}' needs the LLM to think, but max_thinking_tokens is 0"):
+            reasoner.answer(distinct_problems(2), mode=mode, max_thinking_tokens=0)
+    assert generate_spy.calls == []
+    assert reasoner.answer(distinct_problems(1), mode="trm", max_new_tokens=1, max_thinking_tokens=0)[0].error is None
+
+
+# ------------------------------------------------------------------------------ first-token logits, checking
+
+
+def test_captured_first_token_logits_are_the_ones_the_answer_starts_from(reasoner):
+    problems = distinct_problems(2)
+    tokenizer, model = reasoner.tokenizer, reasoner.model
+    cot = reasoner.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3, capture_logits=True)
+    no_think = reasoner.answer(problems, mode="no_think", max_new_tokens=2, capture_logits=True)
+    with torch.no_grad():
+        for problem, result, thought in zip(problems, cot, reasoner.thoughts(problems, 3)):
+            assert not thought.closed  # forced close: the context is prompt + thinking + the canonical tag
+            ids = encode_prompt(tokenizer, problem).ids + list(thought.ids) + reasoner.close_ids
+            expected = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(result.first_token_logits, expected, atol=1e-4)
+            assert result.first_answer_token == int(expected.argmax())
+        for problem, result in zip(problems, no_think):
+            expected = model(input_ids=torch.tensor([encode_prompt(tokenizer, problem, thinking=False).ids])).logits[0, -1]
+            assert torch.allclose(result.first_token_logits, expected, atol=1e-4)
+        first = reasoner.answer(problems, mode="trm_first_token", max_new_tokens=2, capture_logits=True)
+        latent = reasoner.latent_inputs(problems, first_token=True)
+        head = model.get_output_embeddings()(latent.predicted_state)
+        assert torch.allclose(torch.stack([r.first_token_logits for r in first]), head, atol=1e-4)
+        assert [r.first_answer_token for r in first] == latent.first_token.tolist()
+    # first_answer_logits is the same capture
+    assert torch.allclose(reasoner.first_answer_logits(problems, "cot", max_thinking_tokens=3),
+                          torch.stack([r.first_token_logits for r in cot]), atol=1e-4)
+
+
+def test_an_answer_checker_that_raises_is_counted_apart(reasoner, monkeypatch):
+    import llm_trm.inference as inference
+
+    def broken(problem, text):
+        raise RuntimeError("sandbox unavailable\nsecond line")
+
+    monkeypatch.setattr(inference, "check_answer", broken)
+    results = reasoner.answer(make_problems(2), mode="no_think", max_new_tokens=2)
+    assert [(r.correct, r.checker_error, r.error) for r in results] == [(None, "RuntimeError: sandbox unavailable", None)] * 2
+
+
+def test_a_crash_in_record_mode_is_flagged(reasoner, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(reasoner, "latent_inputs", crash)
+    results = reasoner.answer(make_problems(2), mode="trm", on_error="record")
+    assert [(r.error, r.crashed) for r in results] == [("RuntimeError: out of memory", True)] * 2
+    too_long = Problem("toy:long", "toy", 9, "seven " * 600, "7", "math")
+    assert reasoner.answer([too_long], mode="no_think", on_error="record")[0].crashed is False
+
+
+class LastStatesStub(LatentAdapter):
+    """An adapter that takes m states [B, m, D] (as the bridge's will, `n_states = m`): one soft vector each."""
+
+    kind = "test_last_states"
+
+    def __init__(self, d_model: int, n_states: int) -> None:
+        super().__init__()
+        self.d_model = self.d_embed = d_model
+        self.n_states = self.n_vectors = n_states
+        self.metadata = {}
+
+    def config(self):
+        return {"kind": self.kind, "d_model": self.d_model, "n_states": self.n_states}
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        assert states.shape[1:] == (self.n_states, self.d_model), states.shape
+        return torch.nn.functional.normalize(states.float(), dim=-1) * 0.5
+
+
+def test_oracle_hands_the_last_m_states_to_an_adapter_that_takes_m(backbone, generate_spy):
+    m = 3
+    compressor = make_compressor(backbone)
+    reasoner = LatentReasoner(backbone, compressor=compressor, adapter=LastStatesStub(backbone.hidden_size, m),
+                              device="cpu")
+    assert reasoner.n_states == m
+    problems = distinct_problems(2)
+    reasoner.answer(problems, mode="oracle_full", max_new_tokens=1, max_thinking_tokens=3)
+    reasoner.answer(problems, mode="oracle", max_new_tokens=1, max_thinking_tokens=3)
+    full, compressed = generate_spy.soft_vectors(reasoner).split(2)
+    with torch.no_grad():
+        states = torch.stack([torch.stack([extraction_state(reasoner, p, t.ids, offset) for offset in (2, 1, 0)])
+                              for p, t in zip(problems, reasoner.thoughts(problems, 3))])  # [B, m, D], in order
+        assert gap(full, reasoner.adapter(states)) < 1e-4
+        assert gap(compressed, reasoner.adapter(compressor.decompress(compressor.compress(states)))) < 1e-4
+        assert gap(full, reasoner.adapter(states.flip(1))) > 1e-2  # the order of the m states matters

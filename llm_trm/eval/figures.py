@@ -110,3 +110,40 @@ def log_figure(trainer, tag: str, make: Callable[[], Figure]) -> None:
     figure = make()
     for logger in loggers:
         logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+
+
+Interval = tuple[float | None, float | None, float | None]  # (value, low, high); None: undefined
+
+
+def _interval_points(axes, positions: Sequence[int], intervals: Sequence[Interval], color: str) -> None:
+    """Points with error bars; an undefined value is written as n/a, an undefined interval drawn without bars."""
+    for position, (value, low, high) in zip(positions, intervals):
+        if value is None:
+            axes.annotate("n/a", (position, 0), ha="center", va="bottom", fontsize=8, color="grey")
+            continue
+        error = None if low is None or high is None else [[value - low], [high - value]]
+        axes.errorbar(position, value, yerr=error, fmt="o", capsize=4, color=color)
+
+
+def fidelity_ladder(modes: Sequence[str], kl: Sequence[Interval], share_kl: Sequence[Interval]) -> Figure:
+    """The ladder of modes (no thinking ... the LLM's own thinking) on CoT fidelity, 95% intervals as error bars.
+
+    Left: KL(cot || mode) of the first answer token (0 at cot). Right: the share of CoT's KL reduction
+    the mode recovers, (mode - no_think) / (cot - no_think): 0 at no_think, 1 at cot (dashed).
+    """
+    positions = list(range(len(modes)))
+    figure = Figure(figsize=(max(6.0, 1.4 * len(modes) + 2), 3.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    _interval_points(left, positions, kl, "C0")
+    left.set_ylabel("KL(cot ‖ mode), first answer token (nats)")
+    left.set_ylim(bottom=0)
+    _interval_points(right, positions, share_kl, "C1")
+    for level in (0.0, 1.0):
+        right.axhline(level, color="k", linestyle="--", linewidth=0.8)
+    right.set_ylabel("share of CoT's KL reduction recovered")
+    for axes in (left, right):
+        axes.set_xticks(positions, list(modes), rotation=30, ha="right")
+        axes.set_xlim(-0.5, len(modes) - 0.5)
+        axes.grid(alpha=0.3)
+    figure.suptitle("CoT fidelity: the ladder of modes (95% intervals)")
+    return figure
