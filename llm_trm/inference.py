@@ -55,7 +55,6 @@ import torch
 from torch import Tensor
 
 from llm_trm.backbone import Backbone, load_backbone
-from llm_trm.batching import pad_token_ids
 from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.eval.answers import check_answer, extract_code, extract_math_answer
@@ -63,8 +62,8 @@ from llm_trm.eval.fidelity import wilson_interval
 from llm_trm.generation import Generated, ThinkingBudget, generate
 from llm_trm.hub import load_compressor
 from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, describe, encode_prompt,
-                            load_adapter, load_compressor_and_trm, load_part, pre_states, predict, prompt_pass,
-                            soft_inputs, soft_vectors)
+                            extraction_pass, load_adapter, load_compressor_and_trm, load_part, pre_states, predict,
+                            prompt_pass, soft_inputs, soft_vectors)
 from llm_trm.models.adapter import LatentAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
@@ -432,11 +431,10 @@ class LatentReasoner:
         [B, D] when the adapter takes one state, [B, m, D] when it takes m."""
         items = self._as_items(items)
         sequences = [item.prompt.ids + list(thought.ids) + self.close_ids for item, thought in zip(items, thoughts)]
-        input_ids, mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="right")
-        states, _ = prompt_pass(self.model, input_ids, mask, self.layer, use_cache=False)
-        m = self.n_states
-        last = torch.stack([states[row, len(seq) - m : len(seq)] for row, seq in enumerate(sequences)])
-        return last[:, -1] if m == 1 else last
+        _, post = extraction_pass(self.model, sequences, [item.prompt.pre_length for item in items], self.layer,
+                                  self.n_states, self.tokenizer.pad_token_id, self.device)
+        last = torch.stack(post)
+        return last[:, -1] if self.n_states == 1 else last
 
     # ---- the TRM path --------------------------------------------------------------------
 

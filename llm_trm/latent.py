@@ -257,6 +257,23 @@ def pre_states(states: Tensor, mask: Tensor, pre_lengths: Sequence[int]) -> tupl
     return pre, pre_mask
 
 
+def extraction_pass(model: Any, sequences: Sequence[Sequence[int]], pre_lengths: Sequence[int], layer: int,
+                    num_states: int, pad_id: int, device: torch.device | str) -> tuple[list[Tensor], list[Tensor]]:
+    """The true states of finished thinking: one right-padded pass over prompt + thinking + the canonical
+    closing tag (right padding, so a stored state can be recomputed from the token ids alone).
+
+    Returns, per sequence, its pre states [L_i, D] (as `pre_states` cuts them) and the last `num_states`
+    states ending at the closing tag's last token [m, D] (the end-of-thinking state is the last of them).
+    Datagen stores these; the oracle modes of evaluation feed them through the TRM's path.
+    """
+    input_ids, mask = pad_token_ids([list(seq) for seq in sequences], pad_id, device, side="right")
+    states, _ = prompt_pass(model, input_ids, mask, layer, use_cache=False)
+    pre, pre_mask = pre_states(states, mask, pre_lengths)
+    pre_rows = [pre[row, : int(pre_mask[row].sum())] for row in range(len(sequences))]
+    post = [states[row, max(0, len(seq) - num_states) : len(seq)] for row, seq in enumerate(sequences)]
+    return pre_rows, post
+
+
 # --------------------------------------------------------------------------- the TRM path
 
 

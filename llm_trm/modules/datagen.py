@@ -49,7 +49,7 @@ from llm_trm.data.problems import Problem, supports_enable_thinking
 from llm_trm.data.shards import DatasetCounts, ShardWriter, dataset_of, read_index, sum_counts
 from llm_trm.eval.answers import check_answer
 from llm_trm.generation import CACHE_IMPLEMENTATIONS, GREEDY, Decoding, generate
-from llm_trm.latent import Prompt, encode_prompt, pre_states, prompt_pass
+from llm_trm.latent import Prompt, encode_prompt, extraction_pass
 from llm_trm.modules.common import FrozenBackboneMixin
 from llm_trm.thinking import THINK_CLOSE, split_at_close
 
@@ -345,17 +345,12 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _extract(self, thoughts: list[_Thought]) -> tuple[list[Tensor], list[Tensor]]:
-        """The one extraction pass (right-padded, so a stored state can be recomputed from the record's
-        token ids alone): pre states [L_i, D] as `latent.pre_states` cuts them, and the last m states
+        """The one extraction pass (`latent.extraction_pass`): pre states [L_i, D] and the last m states
         [m, D] ending at the closing tag's last token (the post state is the last of them)."""
-        sequences = [thought.extraction_ids(self._close_ids) for thought in thoughts]
-        input_ids, mask = pad_token_ids(sequences, self.tokenizer.pad_token_id, self.device, side="right")
-        states, _ = prompt_pass(self.llm.model, input_ids, mask, self.layer, use_cache=False)
-        pre, pre_mask = pre_states(states, mask, [thought.prompt.pre_length for thought in thoughts])
-        pre_rows = [pre[row, : int(pre_mask[row].sum())].cpu() for row in range(len(thoughts))]
-        m = self.hparams.num_post_states
-        post = [states[row, max(0, len(seq) - m) : len(seq)].cpu() for row, seq in enumerate(sequences)]
-        return pre_rows, post
+        pre, post = extraction_pass(self.llm.model, [thought.extraction_ids(self._close_ids) for thought in thoughts],
+                                    [thought.prompt.pre_length for thought in thoughts], self.layer,
+                                    self.hparams.num_post_states, self.tokenizer.pad_token_id, self.device)
+        return [states.cpu() for states in pre], [states.cpu() for states in post]
 
     def _answer(self, thoughts: list[_Thought]) -> list[list[int]]:
         """The answer's token ids after the canonical closing tag (cut before the end-of-turn token)."""
