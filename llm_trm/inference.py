@@ -143,7 +143,8 @@ class LatentReasoner:
         trm: export folder, Hub id, `.ckpt`, or a SequenceTRM (needed for the TRM modes).
         adapter: `auto` (the TRM folder's `adapter/` when present, else `norm_match`),
             `norm_match`, `linear` (a fresh LinearAdapter), an adapter folder, or a LatentAdapter.
-        n_soft_vectors: k, the number of soft vectors (for `norm_match` / a fresh `linear`).
+        n_soft_vectors: k, the number of soft vectors (a fresh adapter: 1 when None; an adapter folder: None
+            takes its own k, another number is an error).
         layer: hidden-state layer; by default the one the compressor records (else -1).
         dtype: backbone dtype (`auto`: bf16 on GPU, fp32 on CPU).
         device: where everything runs (default: cuda when available, else cpu).
@@ -157,7 +158,7 @@ class LatentReasoner:
         compressor: str | DimensionCompressor | None = None,
         trm: str | SequenceTRM | None = None,
         adapter: str | LatentAdapter = "auto",
-        n_soft_vectors: int = 1,
+        n_soft_vectors: int | None = None,
         layer: int | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
