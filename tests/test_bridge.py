@@ -361,6 +361,21 @@ def test_export_round_trips_through_latent_parts_and_grpo(steerable_dir, tmp_pat
     assert isinstance(LatentAdapter.from_pretrained(exported / "adapter"), BridgeAdapter)
 
 
+def test_evaluate_runs_the_trm_mode_through_an_exported_bridge(steerable_dir, tmp_path):
+    module = make_module(steerable_dir, n_soft_vectors=2)
+    folder = module.export_pretrained(tmp_path / "bridge")
+    compressor, trm = save_trm_parts(tmp_path, steerable_dir)
+    problems = tmp_path / "sums.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                                for i in range(2)))
+    args = {"backbone": steerable_dir, "compressor": compressor, "trm": trm, "adapter": folder,
+            "datasets": f"jsonl:{problems}", "num_samples": 2, "modes": "[trm]", "max_new_tokens": 2,
+            "dtype": "float32", "device": "cpu", "output_dir": tmp_path / "report", "progress": "false"}
+    assert main(["evaluate", *[part for key, value in args.items() for part in (f"--{key}", str(value))]]) == 0
+    results = json.loads((tmp_path / "report" / "results.json").read_text())["results"]["trm"]
+    assert [row["soft_vectors"] for row in results] == [2, 2] and not any(row["error"] for row in results)
+
+
 def test_an_adapter_that_does_not_fit_is_one_line(steerable_dir, tiny_backbone_dir, tiny_backbone_dir_d32, tmp_path):
     module = make_module(steerable_dir)
     folder = module.export_pretrained(tmp_path / "bridge")

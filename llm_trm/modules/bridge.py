@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
-from llm_trm.backbone import DEFAULT_BACKBONE, HIDDEN_STATE_CONVENTION, backbone_id
+from llm_trm.backbone import DEFAULT_BACKBONE, HIDDEN_STATE_CONVENTION, backbone_id, hidden_size_of
 from llm_trm.batching import pad_token_ids, position_ids
 from llm_trm.data.shards import read_datagen_config
 from llm_trm.errors import ConfigMismatchError, DataError
@@ -86,7 +86,6 @@ class Sample:
     prompt: list[int]
     sequence: list[int]
     answer: list[int]
-    pre_length: int
 
 
 def sample_layout(record: dict[str, Any], num_thinking_tokens: int, close_ids: list[int], sample_id: str,
@@ -102,7 +101,7 @@ def sample_layout(record: dict[str, Any], num_thinking_tokens: int, close_ids: l
     answer = list(record["answer_ids"])
     if max_answer_tokens is not None:
         answer = answer[:max_answer_tokens]
-    return Sample(ids[:prompt_length], ids, answer, int(record.get("pre_length", prompt_length)))
+    return Sample(ids[:prompt_length], ids, answer)
 
 
 @dataclass
@@ -273,8 +272,6 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
         hp = self.hparams
         if not (hp.trm_checkpoint and hp.compressor_checkpoint):
             raise ConfigMismatchError("the TRM path needs both trm_checkpoint and compressor_checkpoint.")
-        from llm_trm.backbone import hidden_size_of
-
         compressor, trm = load_compressor_and_trm(hp.compressor_checkpoint, hp.trm_checkpoint,
                                                   hp.allow_unchecked_artifacts)
         check_parts(compressor, trm, hidden_size_of(self.backbone, self.trust_remote_code), backbone_id(self.backbone),
@@ -298,7 +295,7 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
         else:
             adapter = build_adapter(hp.adapter, embeddings, hidden, hp.n_soft_vectors, lm_head_weight=lm_head,
                                     n_states=hp.n_states)
-        check_adapter(adapter, hidden, embeddings.shape[1], f"adapter {hp.adapter}", backbone_id=self.llm.backbone_id,
+        check_adapter(adapter, hidden, embeddings.shape[1], f"adapter {hp.adapter}", backbone_id=backbone_id(self.backbone),
                       layer=self.layer, n_vectors=hp.n_soft_vectors, n_states=hp.n_states)
         if not any(True for _ in adapter.parameters()):
             raise ConfigMismatchError(f"adapter {hp.adapter} has no parameters to train.")
@@ -430,8 +427,8 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
 
     def prompt(self, samples: list[Sample]) -> tuple[PromptBatch, Any]:
         """One prompt pass: the left-padded prompts and their KV cache (shared by the teacher and every student)."""
-        # records carry token ids, not Problems: the prompts are rebuilt from the ids
-        batch = PromptBatch.of([Prompt(None, s.prompt, s.pre_length) for s in samples],  # type: ignore[arg-type]
+        # records carry token ids, not Problems (and the pre-state length is not needed here)
+        batch = PromptBatch.of([Prompt(None, s.prompt, len(s.prompt)) for s in samples],  # type: ignore[arg-type]
                                self.llm.tokenizer.pad_token_id, self.device)
         _, cache = prompt_pass(self.llm.model, batch.input_ids, batch.mask, self.layer, use_cache=True)
         return batch, cache
