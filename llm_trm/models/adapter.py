@@ -136,8 +136,8 @@ class LatentAdapter(PretrainedMixin, nn.Module):
         if states.dim() != 3:
             raise ConfigMismatchError(f"an adapter takes states [B, D] or [B, m, D], got shape {list(hidden.shape)}.")
         if states.shape[-1] != self.d_model:
-            raise ConfigMismatchError(f"this {self.kind} adapter maps states of D={self.d_model}, got D={states.shape[-1]}: "
-                                      "use an adapter made for this backbone.")
+            raise ConfigMismatchError(f"this {self.kind} adapter maps states of D={self.d_model}, got "
+                                      f"D={states.shape[-1]}: use an adapter made for this backbone.")
         if states.shape[1] != self.n_states:
             raise ConfigMismatchError(
                 f"this {self.kind} adapter reads m={self.n_states} end-of-thinking state(s) per sample, got "
@@ -279,7 +279,8 @@ class ConceptAdapter(LatentAdapter):
         """[B, m, D] -> [B, m, E]: each state's next-token distribution as a mix of input embeddings (fp32)."""
         if self._attached is None:
             raise ConfigMismatchError(f"this {self.kind} adapter has no LLM weights attached: load it with "
-                                      "llm_trm.latent.build_adapter (or call attach(lm_head_weight, embedding_weight)).")
+                                      "llm_trm.latent.build_adapter (or call attach(lm_head_weight, "
+                                      "embedding_weight)).")
         lm_head, embeddings = self._attached.on(states.device)
         logits = F.linear(states.to(lm_head.dtype), lm_head).float()
         probs = torch.softmax(logits / temperature, dim=-1)

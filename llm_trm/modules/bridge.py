@@ -134,7 +134,8 @@ def answer_terms(teacher: Tensor, student: Tensor, answer_ids: Tensor, answer_ma
 class FidelityMeans(nn.Module):
     """Split-level means of each mode's terms (token- or position-weighted), synced across ranks."""
 
-    def __init__(self, modes: tuple[str, ...], nll_weight: float, kl_weight: float, sync_on_compute: bool = True) -> None:
+    def __init__(self, modes: tuple[str, ...], nll_weight: float, kl_weight: float,
+                 sync_on_compute: bool = True) -> None:
         super().__init__()
         self.modes, self.nll_weight, self.kl_weight = modes, nll_weight, kl_weight
         self.means = nn.ModuleDict({f"{mode}__{name}": MeanMetric(sync_on_compute=sync_on_compute)
@@ -295,8 +296,9 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
         else:
             adapter = build_adapter(hp.adapter, embeddings, hidden, hp.n_soft_vectors, lm_head_weight=lm_head,
                                     n_states=hp.n_states)
-        check_adapter(adapter, hidden, embeddings.shape[1], f"adapter {hp.adapter}", backbone_id=backbone_id(self.backbone),
-                      layer=self.layer, n_vectors=hp.n_soft_vectors, n_states=hp.n_states)
+        check_adapter(adapter, hidden, embeddings.shape[1], f"adapter {hp.adapter}",
+                      backbone_id=backbone_id(self.backbone), layer=self.layer, n_vectors=hp.n_soft_vectors,
+                      n_states=hp.n_states)
         if not any(True for _ in adapter.parameters()):
             raise ConfigMismatchError(f"adapter {hp.adapter} has no parameters to train.")
         return adapter.float().requires_grad_(True)
