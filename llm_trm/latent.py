@@ -138,6 +138,17 @@ def backbone_head(model: Any) -> tuple[Tensor, Tensor]:
     return model.get_output_embeddings().weight, model.get_input_embeddings().weight
 
 
+def check_state_count(trm: SequenceTRM, adapter: LatentAdapter, trm_source: str = "the TRM",
+                      adapter_source: str = "the adapter") -> None:
+    """The TRM's m predicted states are what the adapter reads: its `n_states` (1 when it does not say) must be m."""
+    predicted, taken = int(getattr(trm, "n_reasoning_tokens", 1)), int(getattr(adapter, "n_states", 1))
+    if predicted != taken:
+        raise ConfigMismatchError(
+            f"{trm_source} predicts {predicted} end-of-thinking state(s) (n_reasoning_tokens={predicted}) but "
+            f"{adapter_source} takes {taken} (n_states={taken}): use an adapter built for n_states={predicted}."
+        )
+
+
 def check_adapter(adapter: LatentAdapter, hidden_size: int, d_embed: int, source: str = "the adapter", *,
                   backbone_id: str | None = None, layer: int | None = None, n_vectors: int | None = None,
                   n_states: int | None = None) -> None:
@@ -194,7 +205,8 @@ class LatentParts:
         adapter_model = build_adapter(adapter, embeddings, backbone.hidden_size, n_soft_vectors, trm,
                                       lm_head_weight=lm_head, n_states=n_states)
         check_adapter(adapter_model, backbone.hidden_size, embeddings.shape[1], describe(adapter, "adapter"),
-                      backbone_id=backbone.backbone_id, layer=chosen, n_vectors=n_soft_vectors, n_states=n_states)
+                      backbone_id=backbone.backbone_id, layer=chosen, n_vectors=n_soft_vectors)
+        check_state_count(trm_model, adapter_model, describe(trm, "TRM"), describe(adapter, "adapter"))
         return cls(compressor_model, trm_model, adapter_model, chosen)
 
     def to(self, device: torch.device | str) -> LatentParts:

@@ -58,8 +58,8 @@ from llm_trm.errors import ConfigMismatchError
 from llm_trm.generation import GREEDY, Decoding, generate
 from llm_trm.hub import METADATA_KEY, check_compatible, strip_prefix
 from llm_trm.latent import (ADAPTER_SUBFOLDER, COMPRESSOR_SUBFOLDER, PromptBatch, backbone_head, build_adapter,
-                            check_adapter, check_parts, encode_prompt, load_compressor_and_trm, pre_states, predict,
-                            prompt_pass, rewind_cache, soft_inputs, soft_vectors)
+                            check_adapter, check_parts, check_state_count, encode_prompt, load_compressor_and_trm,
+                            pre_states, predict, prompt_pass, rewind_cache, soft_inputs, soft_vectors)
 from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length, warmup_cosine
 from llm_trm.rl.objective import (clipped_policy_loss, equal_reward_share, gaussian_kl, gaussian_log_prob,
                                   group_advantages)
@@ -231,8 +231,8 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         adapter = build_adapter(spec, embeddings, self.compressor.d_model, n_soft_vectors, lm_head_weight=lm_head,
                                 n_states=n_states)
         check_adapter(adapter, self.compressor.d_model, embeddings.shape[1], f"adapter {spec}",
-                      backbone_id=backbone_id(self.backbone), layer=self.layer, n_vectors=n_soft_vectors,
-                      n_states=n_states)
+                      backbone_id=backbone_id(self.backbone), layer=self.layer, n_vectors=n_soft_vectors)
+        check_state_count(self.trm, adapter, f"TRM {self.hparams.trm_checkpoint}", f"adapter {spec}")
         return adapter.float()
 
     def train(self, mode: bool = True) -> GRPOModule:
