@@ -388,8 +388,9 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
         scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
-        self.check_data(self.trainer.datamodule)
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # after the datamodule's setup, before anything (logs, checkpoints) is written
+            self.check_data(self.trainer.datamodule)
 
     def check_data(self, datamodule: Any) -> None:
         """The shards were made with this backbone and layer, and hold at least m states per sample."""
@@ -397,8 +398,14 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
         if path is None:
             return
         stored = read_datagen_config(path) or {}
-        check_compatible(f"the shards in {path}", stored, {"backbone": backbone_id(self.backbone),
-                                                           "layer": self.layer, "hidden_size": self.adapter.d_model})
+        wanted = {"backbone": backbone_id(self.backbone), "layer": self.layer, "hidden_size": self.adapter.d_model}
+        for key, want in wanted.items():
+            have = stored.get(key)
+            if have is not None and have != want:
+                raise ConfigMismatchError(
+                    f"the shards in {path} were made with {key}={have!r} but the bridge has {key}={want!r}: "
+                    f"train it with the backbone and layer the shards were made with, or generate shards for this one."
+                )
         held = getattr(datamodule, "num_post_states", 1)
         if held < self.adapter.n_states:
             raise DataError(f"the bridge reads m={self.adapter.n_states} states per sample but the shards in {path} "
