@@ -78,8 +78,10 @@ def build_parser() -> ArgumentParser:
                         help="compressor export folder, Hub id or .ckpt (needed for the TRM modes)")
     parser.add_argument("--trm", type=str | None, default=None, help="TRM export folder, Hub id or .ckpt")
     parser.add_argument("--adapter", type=str, default="auto",
-                        help="auto (the TRM folder's adapter/, else norm_match), norm_match, linear, or a folder")
-    parser.add_argument("--n_soft_vectors", type=PositiveInt, default=1, help="k soft vectors inside the think block")
+                        help="auto (the TRM folder's adapter/, else norm_match), norm_match, linear, concept, or a folder "
+                             "(e.g. a Phase 2b bridge export)")
+    parser.add_argument("--n_soft_vectors", type=PositiveInt | None, default=None,
+                        help="k soft vectors inside the think block (unset: an adapter folder's own k, else 1)")
     parser.add_argument("--layer", type=int | None, default=None, help="hidden-state layer (default: the compressor's)")
     parser.add_argument("--datasets", type=str, default="gsm8k", help="problem sources, comma-separated")
     parser.add_argument("--split", type=str, default="test")

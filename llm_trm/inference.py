@@ -211,7 +211,8 @@ class LatentReasoner:
         trm: export folder, Hub id, `.ckpt`, or a SequenceTRM (needed for the TRM modes; needs a compressor).
         adapter: `auto` (the TRM folder's `adapter/` when present, else `norm_match`),
             `norm_match`, `linear` (a fresh LinearAdapter), an adapter folder, or a LatentAdapter.
-        n_soft_vectors: k, the number of soft vectors (for `norm_match` / a fresh `linear`).
+        n_soft_vectors: k, the number of soft vectors (a fresh adapter: 1 when None; an adapter folder: None
+            takes its own k, another number is an error).
         layer: hidden-state layer; by default the one the compressor records (else -1).
         dtype: backbone dtype (`auto`: bf16 on GPU, fp32 on CPU).
         device: where everything runs (default: cuda when available, else cpu).
@@ -225,7 +226,7 @@ class LatentReasoner:
         compressor: str | DimensionCompressor | None = None,
         trm: str | SequenceTRM | None = None,
         adapter: str | LatentAdapter = "auto",
-        n_soft_vectors: int = 1,
+        n_soft_vectors: int | None = None,
         layer: int | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
@@ -260,7 +261,7 @@ class LatentReasoner:
                 check_compressor(lone_compressor, self.backbone.hidden_size, self.backbone.backbone_id, self.layer,
                                  describe(compressor, "compressor"))
                 self._compressor = _frozen(lone_compressor, self.device)
-            self._adapter = _frozen(load_adapter(self.backbone, adapter, n_soft_vectors), self.device)
+            self._adapter = _frozen(load_adapter(self.backbone, adapter, n_soft_vectors, layer=self.layer), self.device)
         self.end_ids = end_of_turn_ids(self.tokenizer, self.model)
         # the LLM's thinking per (prompt ids, thinking budget): `cot` leaves it, the oracle modes read it
         self._thoughts: dict[tuple[tuple[int, ...], int], Thought] = {}

@@ -32,7 +32,7 @@ from llm_trm.batching import pad_token_ids
 from llm_trm.data.problems import Problem, build_chat_prompt
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.hub import check_compatible, load_compressor, load_trm
-from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter
+from llm_trm.models.adapter import BridgeAdapter, ConceptAdapter, LatentAdapter, LinearAdapter, NormMatchAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput
 from llm_trm.thinking import opening_tag_end
@@ -40,7 +40,7 @@ from llm_trm.thinking import opening_tag_end
 # where the other trained parts live inside a TRM export folder (GRPO exports all three together)
 ADAPTER_SUBFOLDER = "adapter"
 COMPRESSOR_SUBFOLDER = "compressor"
-ADAPTER_SPECS = ("auto", "norm_match", "linear")
+ADAPTER_SPECS = ("auto", "norm_match", "linear", "concept", "bridge")
 
 
 # --------------------------------------------------------------------------- loading and checking
@@ -95,32 +95,60 @@ def check_compressor(compressor: DimensionCompressor, hidden_size: int, backbone
     check_compatible(source, compressor.metadata, {"backbone": backbone_id, "layer": layer})
 
 
-def build_adapter(spec: str | LatentAdapter, embedding_weight: Tensor, hidden_size: int, n_soft_vectors: int = 1,
-                  trm_spec: Any = None) -> LatentAdapter:
-    """The input adapter (the bridge into the LLM).
+def build_adapter(spec: str | LatentAdapter, embedding_weight: Tensor, hidden_size: int,
+                  n_soft_vectors: int | None = None, trm_spec: Any = None, *, lm_head_weight: Tensor | None = None,
+                  n_states: int = 1) -> LatentAdapter:
+    """The input adapter (the bridge into the LLM), attached to the backbone's weights when its kind needs them.
 
     `auto`: the one saved inside the TRM's export folder (`adapter/`) when there is one, else
-    `norm_match`; `norm_match`: each state rescaled to the embeddings' mean norm, k copies;
-    `linear`: a fresh LinearAdapter that starts as norm matching; else an adapter export folder.
+    `norm_match`; `norm_match`: each state rescaled to the embeddings' mean norm; `linear`: a fresh
+    LinearAdapter that starts as norm matching; `concept`: the training-free concept token
+    `softmax(lm_head(h)) @ E`; `bridge`: a fresh trainable BridgeAdapter (equal to `concept` until
+    trained); else an adapter export folder (any kind, e.g. a Phase 2b bridge). A fresh adapter makes
+    `n_soft_vectors` vectors (1 when None) from `n_states` states; a loaded one keeps its own k and m
+    (`check_adapter` compares them with what the run asks for). `lm_head_weight` [V, D] and
+    `embedding_weight` [V, E] are the backbone's: the concept kinds read them by reference and never save them.
     """
+    k = 1 if n_soft_vectors is None else n_soft_vectors
     if isinstance(spec, LatentAdapter):
-        return spec
-    if spec == "auto":
+        adapter = spec
+    elif spec == "auto":
         bundled = Path(str(trm_spec)) / ADAPTER_SUBFOLDER if isinstance(trm_spec, (str, Path)) else None
         if bundled is not None and (bundled / "config.json").is_file():
-            return load_part("adapter", bundled, LatentAdapter.from_pretrained)
-        spec = "norm_match"
-    if spec == "norm_match":
-        return NormMatchAdapter.for_embeddings(embedding_weight, n_soft_vectors)
-    if spec == "linear":
-        return LinearAdapter.for_embeddings(embedding_weight, hidden_size, n_soft_vectors)
-    return load_part("adapter", spec, LatentAdapter.from_pretrained)
+            adapter = load_part("adapter", bundled, LatentAdapter.from_pretrained)
+        else:
+            adapter = NormMatchAdapter.for_embeddings(embedding_weight, k, n_states)
+    elif spec == "norm_match":
+        adapter = NormMatchAdapter.for_embeddings(embedding_weight, k, n_states)
+    elif spec == "linear":
+        adapter = LinearAdapter.for_embeddings(embedding_weight, hidden_size, k, n_states)
+    elif spec in ("concept", "bridge"):
+        kind = ConceptAdapter if spec == "concept" else BridgeAdapter
+        adapter = kind.for_backbone(_lm_head_for(spec, lm_head_weight), embedding_weight, n_vectors=k,
+                                    n_states=n_states)
+    else:
+        adapter = load_part("adapter", spec, LatentAdapter.from_pretrained)
+    if isinstance(adapter, ConceptAdapter) and not adapter.attached:
+        adapter.attach(_lm_head_for(describe(spec, "adapter"), lm_head_weight), embedding_weight)
+    return adapter
+
+
+def _lm_head_for(what: str, lm_head_weight: Tensor | None) -> Tensor:
+    if lm_head_weight is None:
+        raise ConfigMismatchError(f"{what} reads states through the backbone's lm_head: pass lm_head_weight "
+                                  "(LatentParts.load and the training modules do).")
+    return lm_head_weight
+
+
+def backbone_head(model: Any) -> tuple[Tensor, Tensor]:
+    """The frozen LLM's (lm_head weight [V, D], input-embedding weight [V, E]), what the concept kinds attach."""
+    return model.get_output_embeddings().weight, model.get_input_embeddings().weight
 
 
 def check_state_count(trm: SequenceTRM, adapter: LatentAdapter, trm_source: str = "the TRM",
                       adapter_source: str = "the adapter") -> None:
     """The TRM's m predicted states are what the adapter reads: its `n_states` (1 when it does not say) must be m."""
-    predicted, taken = trm.n_reasoning_tokens, int(getattr(adapter, "n_states", 1))
+    predicted, taken = int(getattr(trm, "n_reasoning_tokens", 1)), int(getattr(adapter, "n_states", 1))
     if predicted != taken:
         raise ConfigMismatchError(
             f"{trm_source} predicts {predicted} end-of-thinking state(s) (n_reasoning_tokens={predicted}) but "
@@ -128,21 +156,43 @@ def check_state_count(trm: SequenceTRM, adapter: LatentAdapter, trm_source: str 
         )
 
 
-def check_adapter(adapter: LatentAdapter, hidden_size: int, d_embed: int, source: str = "the adapter") -> None:
+def check_adapter(adapter: LatentAdapter, hidden_size: int, d_embed: int, source: str = "the adapter", *,
+                  backbone_id: str | None = None, layer: int | None = None, n_vectors: int | None = None,
+                  n_states: int | None = None) -> None:
+    """The adapter fits the backbone (D, E, id, layer) and what the run asks for (k, m): else one line naming both."""
     if adapter.d_model != hidden_size or adapter.d_embed != d_embed:
         raise ConfigMismatchError(
             f"{source} maps D={adapter.d_model} -> E={adapter.d_embed} but the backbone has D={hidden_size}, "
             f"E={d_embed}: use an adapter made for this backbone."
         )
+    if n_vectors is not None and adapter.n_vectors != n_vectors:
+        raise ConfigMismatchError(
+            f"{source} makes k={adapter.n_vectors} soft vectors but this run asks for k={n_vectors}: "
+            f"set n_soft_vectors to {adapter.n_vectors} (or leave it unset), or use an adapter made with k={n_vectors}."
+        )
+    if n_states is not None and adapter.n_states != n_states:
+        raise ConfigMismatchError(
+            f"{source} reads m={adapter.n_states} end-of-thinking state(s) per sample but this run gives m={n_states}: "
+            f"use an adapter made with n_states={n_states}, or parts that give {adapter.n_states}."
+        )
+    check_compatible(source, adapter.metadata, {"backbone": backbone_id, "layer": layer})
+    if adapter.uses_backbone_head and layer is not None and layer != -1:
+        raise ConfigMismatchError(
+            f"{source} reads states through lm_head, which applies to the final layer (-1, after the norm), "
+            f"but this run uses layer {layer}: use layer -1, or a norm_match / linear adapter."
+        )
 
 
-def load_adapter(backbone: Backbone, spec: str | LatentAdapter = "auto", n_soft_vectors: int = 1,
-                 trm_spec: Any = None) -> LatentAdapter:
-    """The input adapter for `backbone` (see `build_adapter`), checked against it: what `LatentParts.load`
-    uses, and what the oracle modes use without a TRM."""
-    embeddings = backbone.model.get_input_embeddings().weight
-    adapter = build_adapter(spec, embeddings, backbone.hidden_size, n_soft_vectors, trm_spec)
-    check_adapter(adapter, backbone.hidden_size, embeddings.shape[1], describe(spec, "adapter"))
+def load_adapter(backbone: Backbone, spec: str | LatentAdapter = "auto", n_soft_vectors: int | None = None,
+                 trm_spec: Any = None, n_states: int = 1, layer: int = -1) -> LatentAdapter:
+    """The input adapter for `backbone` (see `build_adapter`), attached to its lm_head / embeddings where its
+    kind reads them and checked against it: what `LatentParts.load` uses, and what the oracle modes use
+    without a TRM. `n_states`: the m states it will be given."""
+    lm_head, embeddings = backbone_head(backbone.model)
+    adapter = build_adapter(spec, embeddings, backbone.hidden_size, n_soft_vectors, trm_spec,
+                            lm_head_weight=lm_head, n_states=n_states)
+    check_adapter(adapter, backbone.hidden_size, embeddings.shape[1], describe(spec, "adapter"),
+                  backbone_id=backbone.backbone_id, layer=layer, n_vectors=n_soft_vectors)
     return adapter
 
 
@@ -157,14 +207,21 @@ class LatentParts:
 
     @classmethod
     def load(cls, backbone: Backbone, compressor: str | DimensionCompressor, trm: str | SequenceTRM,
-             adapter: str | LatentAdapter = "auto", n_soft_vectors: int = 1, layer: int | None = None,
+             adapter: str | LatentAdapter = "auto", n_soft_vectors: int | None = None, layer: int | None = None,
              loaded: tuple[DimensionCompressor, SequenceTRM] | None = None) -> LatentParts:
-        """Load (unless `loaded`) and check the parts; the layer defaults to the one the compressor records."""
+        """Load (unless `loaded`) and check the parts; the layer defaults to the one the compressor records.
+
+        `adapter` is a spec or folder (`build_adapter`); the concept kinds get this backbone's lm_head and
+        embeddings attached. `n_soft_vectors` None: a loaded adapter's own k (1 for a fresh one); a number
+        that differs from a loaded adapter's k is a one-line ConfigMismatchError, as are another backbone,
+        layer, D, E or m (the TRM's `n_reasoning_tokens`).
+        """
         compressor_model, trm_model = loaded or load_compressor_and_trm(compressor, trm)
         chosen = backbone.check_layer(int(compressor_model.metadata.get("layer", -1)) if layer is None else layer)
         check_parts(compressor_model, trm_model, backbone.hidden_size, backbone.backbone_id, chosen,
                     describe(compressor, "compressor"), describe(trm, "TRM"))
-        adapter_model = load_adapter(backbone, adapter, n_soft_vectors, trm)
+        n_states = int(getattr(trm_model, "n_reasoning_tokens", 1))  # m states predicted per sample
+        adapter_model = load_adapter(backbone, adapter, n_soft_vectors, trm, n_states=n_states, layer=chosen)
         check_state_count(trm_model, adapter_model, describe(trm, "TRM"), describe(adapter, "adapter"))
         return cls(compressor_model, trm_model, adapter_model, chosen)
 

@@ -14,7 +14,8 @@ from llm_trm.eval.answers import check_answer, extract_math_answer
 from llm_trm.batching import position_ids
 from llm_trm.inference import MODES, ORACLE_MODES, AnswerResult, LatentReasoner, derangement, wilson_interval
 from llm_trm.latent import encode_prompt
-from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter, mean_embedding_norm
+from llm_trm.models.adapter import (ConceptAdapter, LatentAdapter, LinearAdapter, NormMatchAdapter,
+                                   mean_embedding_norm)
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
 
@@ -255,6 +256,37 @@ def test_adapters_save_and_load(tmp_path):
     assert isinstance(loaded, NormMatchAdapter) and loaded.target_norm == 2.5 and loaded.n_vectors == 3
     with pytest.raises(ValueError, match="NormMatchAdapter"):
         LinearAdapter.from_pretrained(tmp_path / "norm")
+
+
+def test_norm_match_and_linear_adapters_pool_m_states_onto_k_slots():
+    embeddings = torch.randn(50, 16)
+    states = torch.randn(3, 4, 16) * 30
+    norm_match = NormMatchAdapter.for_embeddings(embeddings, n_vectors=2, n_states=4)
+    units = torch.nn.functional.normalize(states, dim=-1)
+    # slot 0 pools states 0-1, slot 1 states 2-3, each rescaled to the embeddings' mean norm
+    expected = torch.stack([units[:, :2].mean(1), units[:, 2:].mean(1)], 1)
+    expected = torch.nn.functional.normalize(expected, dim=-1) * mean_embedding_norm(embeddings)
+    torch.testing.assert_close(norm_match(states), expected)
+    linear = LinearAdapter.for_embeddings(embeddings, d_model=16, n_vectors=2, n_states=4)
+    assert linear.proj.weight.shape == (2 * 16, 4 * 16)
+    assert torch.nn.functional.cosine_similarity(linear(states), norm_match(states), dim=-1).min() > 0.99
+    with pytest.raises(ConfigMismatchError, match="m=4.*m=1"):
+        linear(states[:, 0])
+
+
+def test_concept_adapter_in_the_trm_mode_and_k_of_a_folder(backbone, tmp_path):
+    reasoner = LatentReasoner(backbone, make_compressor(backbone), make_trm(backbone), adapter="concept",
+                              n_soft_vectors=2, device="cpu")
+    assert isinstance(reasoner.adapter, ConceptAdapter) and reasoner.adapter.attached
+    result = reasoner.answer(make_problems(1), mode="trm", max_new_tokens=2)[0]
+    assert result.error is None and result.soft_vectors == 2
+    folder = LinearAdapter(backbone.hidden_size, backbone.hidden_size, n_vectors=3).save_pretrained(tmp_path / "k3")
+    loaded = LatentReasoner(backbone, make_compressor(backbone), make_trm(backbone), adapter=str(folder), device="cpu")
+    assert loaded.adapter.n_vectors == 3  # n_soft_vectors unset: the folder's own k
+    with pytest.raises(ConfigMismatchError) as err:
+        LatentReasoner(backbone, make_compressor(backbone), make_trm(backbone), adapter=str(folder), n_soft_vectors=2,
+                       device="cpu")
+    assert "k=3" in str(err.value) and "k=2" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_adapter_saved_with_the_trm_is_used(backbone, tmp_path):

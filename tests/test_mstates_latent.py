@@ -18,7 +18,7 @@ from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError
 from llm_trm.inference import LatentReasoner
 from llm_trm.latent import LatentParts, predict, soft_vectors
-from llm_trm.models.adapter import LatentAdapter, NormMatchAdapter
+from llm_trm.models.adapter import LatentAdapter, LinearAdapter, NormMatchAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM
 from llm_trm.modules.grpo import GRPOModule
@@ -93,10 +93,12 @@ def test_predict_and_soft_vectors_hand_the_adapter_m_decompressed_states():
 
 def test_the_trms_state_count_must_match_the_adapters(backbone):
     compressor, trm = make_parts(backbone.backbone_id, backbone.hidden_size)
-    with pytest.raises(ConfigMismatchError) as err:
-        LatentParts.load(backbone, compressor, trm, "norm_match")
+    with pytest.raises(ConfigMismatchError) as err:  # an adapter made for 2 states, a TRM predicting 4
+        LatentParts.load(backbone, compressor, trm, StatesStub(backbone.hidden_size, 2))
     message = str(err.value)
-    assert "\n" not in message and "n_reasoning_tokens=4" in message and "n_states=1" in message
+    assert "\n" not in message and "n_reasoning_tokens=4" in message and "n_states=2" in message
+    # a fresh adapter is built for the TRM's m
+    assert LatentParts.load(backbone, compressor, trm, "norm_match").adapter.n_states == M
     one_state_trm = make_parts(backbone.backbone_id, backbone.hidden_size, m=1)[1]
     with pytest.raises(ConfigMismatchError, match="n_reasoning_tokens=1.*n_states=4"):
         LatentParts.load(backbone, compressor, one_state_trm, StatesStub(backbone.hidden_size, M))
@@ -173,8 +175,13 @@ def test_grpo_explores_m_states_with_one_gaussian_per_copy(tiny_backbone_dir, gr
     assert module.adapter.norm.grad is not None
 
 
-def test_grpo_refuses_an_adapter_for_another_state_count(tiny_backbone_dir, grpo_parts):
+def test_grpo_refuses_an_adapter_for_another_state_count(tiny_backbone_dir, grpo_parts, tmp_path):
     compressor, trm = grpo_parts
+    one_state = LinearAdapter(64, 64, n_vectors=1)  # an adapter folder made for one state
+    one_state.save_pretrained(tmp_path / "adapter", metadata={"backbone": backbone_id(str(tiny_backbone_dir))})
     with pytest.raises(ConfigMismatchError, match="n_reasoning_tokens=4.*n_states=1"):
         GRPOModule(backbone=str(tiny_backbone_dir), compressor_checkpoint=str(compressor), trm_checkpoint=str(trm),
-                   adapter="linear", group_size=2)
+                   adapter=str(tmp_path / "adapter"), group_size=2)
+    fresh = GRPOModule(backbone=str(tiny_backbone_dir), compressor_checkpoint=str(compressor),
+                       trm_checkpoint=str(trm), adapter="linear", group_size=2)
+    assert fresh.adapter.n_states == 4  # a fresh adapter is built for the TRM's m

@@ -57,9 +57,9 @@ from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError
 from llm_trm.generation import GREEDY, Decoding, generate
 from llm_trm.hub import METADATA_KEY, check_compatible, strip_prefix
-from llm_trm.latent import (ADAPTER_SUBFOLDER, COMPRESSOR_SUBFOLDER, PromptBatch, build_adapter, check_adapter,
-                            check_parts, check_state_count, encode_prompt, load_compressor_and_trm, pre_states,
-                            predict, prompt_pass, rewind_cache, soft_inputs, soft_vectors)
+from llm_trm.latent import (ADAPTER_SUBFOLDER, COMPRESSOR_SUBFOLDER, PromptBatch, backbone_head, build_adapter,
+                            check_adapter, check_parts, check_state_count, encode_prompt, load_compressor_and_trm,
+                            pre_states, predict, prompt_pass, rewind_cache, soft_inputs, soft_vectors)
 from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_update, schedule_length, warmup_cosine
 from llm_trm.rl.objective import (clipped_policy_loss, equal_reward_share, gaussian_kl, gaussian_log_prob,
                                   group_advantages)
@@ -114,9 +114,11 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         backbone: the frozen LLM (Hub id, local dir, .gguf or `embedded`).
         compressor_checkpoint: the compressor (seed Phase 3 flag): export folder, `.ckpt` or Hub id.
         trm_checkpoint: the Phase 2 TRM (seed Phase 3 flag): export folder, `.ckpt` or Hub id.
-        adapter: `linear` (a fresh LinearAdapter, starts as norm matching), `norm_match`
-            (no parameters) or an adapter export folder (e.g. a Phase 2b bridge).
-        n_soft_vectors: k, soft input vectors in the think block (for `linear` / `norm_match`).
+        adapter: `linear` (a fresh LinearAdapter, starts as norm matching), `norm_match` (no parameters),
+            `concept` (no parameters), `bridge` (a fresh trainable bridge) or an adapter export folder
+            (e.g. the Phase 2b bridge: GRPO then starts from it).
+        n_soft_vectors: k, soft input vectors in the think block (a fresh adapter: 1 when unset; a folder:
+            unset takes its k, another number is an error).
         group_size: G, answers sampled per problem.
         temperature: sampling temperature; the log-probabilities are those of the same tempered softmax.
         max_answer_tokens: answer tokens sampled per answer.
@@ -153,7 +155,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         compressor_checkpoint: str = "anonx3247/llm-trm-compressor",
         trm_checkpoint: str = "anonx3247/llm-trm-trm",
         adapter: str = "linear",
-        n_soft_vectors: int = 1,
+        n_soft_vectors: int | None = None,
         group_size: int = 8,
         temperature: float = 1.0,
         max_answer_tokens: int = 256,
@@ -223,10 +225,14 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
         check_parts(compressor, trm, hidden, bid, layer, f"compressor {compressor_spec}", f"TRM {trm_spec}")
         return compressor.float(), trm.float(), layer
 
-    def _make_adapter(self, spec: str, n_soft_vectors: int):
-        embeddings = self.llm.model.get_input_embeddings().weight
-        adapter = build_adapter(spec, embeddings, self.compressor.d_model, n_soft_vectors)
-        check_adapter(adapter, self.compressor.d_model, embeddings.shape[1], f"adapter {spec}")
+    def _make_adapter(self, spec: str, n_soft_vectors: int | None):
+        """A fresh adapter or a loaded one (e.g. a Phase 2b bridge), attached to and checked against the LLM."""
+        lm_head, embeddings = backbone_head(self.llm.model)
+        n_states = int(getattr(self.trm, "n_reasoning_tokens", 1))
+        adapter = build_adapter(spec, embeddings, self.compressor.d_model, n_soft_vectors, lm_head_weight=lm_head,
+                                n_states=n_states)
+        check_adapter(adapter, self.compressor.d_model, embeddings.shape[1], f"adapter {spec}",
+                      backbone_id=backbone_id(self.backbone), layer=self.layer, n_vectors=n_soft_vectors)
         check_state_count(self.trm, adapter, f"TRM {self.hparams.trm_checkpoint}", f"adapter {spec}")
         return adapter.float()
 

@@ -63,6 +63,8 @@ class HiddenPairDataModule(L.LightningDataModule):
         only_correct: keep only samples whose answer was correct.
         verify: check every shard's size and sha256 before training.
         summary_tokens: pre tokens drawn into each split's `token_sample`.
+        record_fields: record fields each batch carries under `records` (e.g. the bridge's `token_ids`,
+            `answer_ids`); none by default.
         verify_checksums: deprecated name of `verify`.
     """
 
@@ -81,6 +83,7 @@ class HiddenPairDataModule(L.LightningDataModule):
         only_correct: bool = False,
         verify: bool = True,
         summary_tokens: int = DEFAULT_MAX_TOKENS,
+        record_fields: list[str] | None = None,
         verify_checksums: bool | None = None,
     ) -> None:
         super().__init__()
@@ -108,6 +111,7 @@ class HiddenPairDataModule(L.LightningDataModule):
         self.only_correct = only_correct
         self.verify = verify
         self.summary_tokens = summary_tokens
+        self.record_fields = tuple(record_fields or ())
         self.train_dataset: HiddenPairDataset | None = None
         self.val_dataset: HiddenPairDataset | None = None
         self.test_dataset: HiddenPairDataset | None = None
@@ -223,7 +227,8 @@ class HiddenPairDataModule(L.LightningDataModule):
 
     def _dataset(self, ids: list[str]) -> HiddenPairDataset:
         # checksums were verified in setup; the loaders still check sizes and structure on open
-        return HiddenPairDataset(self.data_path, sample_ids=ids, max_length=self.max_length, dtype=self.dtype)
+        return HiddenPairDataset(self.data_path, sample_ids=ids, max_length=self.max_length, dtype=self.dtype,
+                                 record_fields=self.record_fields)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

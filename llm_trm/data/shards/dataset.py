@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -72,7 +73,10 @@ class HiddenPairDataset(Dataset):
     the last ``max_length`` prompt states; ``dtype`` casts the returned states.
 
     Items: ``sample_id``, ``pre`` [L, D], ``post`` [D], ``post_states`` [m, D] (``post[None]``
-    when the shards hold one state per sample) and ``num_thinking_tokens``.
+    when the shards hold one state per sample) and ``num_thinking_tokens``; with ``record_fields``
+    also ``record``: those fields of the sample's JSON record (e.g. ``token_ids``, ``answer_ids``),
+    read line by line from its ``.jsonl`` at a byte offset found once at construction (which also
+    checks that every chosen record has them), so memory stays bounded here too.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class HiddenPairDataset(Dataset):
         max_length: int | None = None,
         dtype: str | torch.dtype | None = None,
         max_open_files: int = 2,
+        record_fields: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
         if not index_files(self.directory):
@@ -97,6 +102,8 @@ class HiddenPairDataset(Dataset):
         self.hidden_size = self._common("hidden_size", "hidden sizes")
         self.num_post_states = self._common("num_post_states", "numbers of post states (m)")
         self._build_locations(sample_ids)
+        self.record_fields = tuple(record_fields)
+        self._record_offsets = self._find_records() if self.record_fields else None
         self._reset_handles()
 
     def _common(self, field: str, what: str) -> int:
@@ -132,6 +139,45 @@ class HiddenPairDataset(Dataset):
         if self.max_length is not None:
             stored_lengths = stored_lengths.clamp(max=self.max_length)
         self.lengths: list[int] = stored_lengths.tolist()
+
+    def _find_records(self) -> torch.Tensor:
+        """Per chosen sample: (its shard, the byte offset of its record line), after checking the fields exist."""
+        wanted = {sid: row for row, sid in enumerate(self.sample_ids)}
+        offsets = torch.full((len(self.sample_ids), 2), -1, dtype=torch.int64)
+        for shard_idx, info in enumerate(self._shards):
+            if not wanted.keys() & set(info.sample_ids):
+                continue
+            path = self.directory / info.records_file
+            if not path.is_file():
+                raise corrupt_error(self.directory, info.records_file, "is missing")
+            with open(path, "rb") as handle:
+                offset = handle.tell()
+                for number, line in enumerate(iter(handle.readline, b""), start=1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise corrupt_error(self.directory, info.records_file,
+                                            f"line {number} is not valid JSON ({err})") from err
+                    row = wanted.get(record.get("sample_id"))
+                    if row is not None:
+                        missing = [field for field in self.record_fields if field not in record]
+                        if missing:
+                            raise DataError(
+                                f"the records in {path} lack {', '.join(missing)} (written by an older datagen): "
+                                f"generate the shards again with `llm-trm datagen`"
+                            )
+                        offsets[row] = torch.tensor([shard_idx, offset])
+                    offset = handle.tell()
+        if (offsets[:, 0] < 0).any():
+            raise corrupt_error(self.directory, "*.jsonl", "lack records for some indexed samples")
+        return offsets
+
+    def _record(self, index: int) -> dict[str, Any]:
+        shard_idx, offset = self._record_offsets[index].tolist()
+        with open(self.directory / self._shards[shard_idx].records_file, "rb") as handle:
+            handle.seek(offset)
+            record = json.loads(handle.readline())
+        return {field: record[field] for field in self.record_fields}
 
     def _reset_handles(self) -> None:
         self._handles: OrderedDict[int, Any] = OrderedDict()
@@ -174,19 +220,23 @@ class HiddenPairDataset(Dataset):
         num_thinking = handle.get_slice("num_thinking_tokens")[row : row + 1]
         if self.dtype is not None:
             pre, post, post_states = pre.to(self.dtype), post.to(self.dtype), post_states.to(self.dtype)
-        return {
+        item = {
             "sample_id": self.sample_ids[index],
             "pre": pre,
             "post": post,
             "post_states": post_states,
             "num_thinking_tokens": int(num_thinking[0]),
         }
+        if self.record_fields:
+            item["record"] = self._record(index)
+        return item
 
 
 def collate_hidden_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Right-pad ``pre`` to the longest sample; ``pre_mask`` is True on real tokens.
 
-    ``post_states`` [B, m, D] is stacked from the items, or ``post[:, None]`` for items without it.
+    ``post_states`` [B, m, D] is stacked from the items, or ``post[:, None]`` for items without it;
+    items with a ``record`` give ``records``, a list of them.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -199,7 +249,7 @@ def collate_hidden_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pre_mask[i, :length] = True
     post = torch.stack([item["post"] for item in items])
     post_states = [item.get("post_states") for item in items]
-    return {
+    batch = {
         "pre": pre,
         "pre_mask": pre_mask,
         "post": post,
@@ -207,3 +257,6 @@ def collate_hidden_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "num_thinking_tokens": torch.tensor([item["num_thinking_tokens"] for item in items], dtype=torch.long),
         "sample_ids": [item["sample_id"] for item in items],
     }
+    if "record" in items[0]:
+        batch["records"] = [item["record"] for item in items]
+    return batch
