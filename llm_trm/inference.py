@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -61,9 +61,9 @@ from llm_trm.eval.answers import check_answer, extract_code, extract_math_answer
 from llm_trm.eval.fidelity import wilson_interval
 from llm_trm.generation import Generated, ThinkingBudget, generate
 from llm_trm.hub import load_compressor
-from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, describe, encode_prompt,
-                            extraction_pass, load_adapter, load_compressor_and_trm, load_part, pre_states, predict,
-                            prompt_pass, soft_inputs, soft_vectors)
+from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, check_state_count, describe,
+                            encode_prompt, extraction_pass, load_adapter, load_compressor_and_trm, load_part,
+                            pre_states, predict, prompt_pass, soft_inputs, soft_vectors)
 from llm_trm.models.adapter import LatentAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
@@ -265,6 +265,19 @@ class LatentReasoner:
         self.end_ids = end_of_turn_ids(self.tokenizer, self.model)
         # the LLM's thinking per (prompt ids, thinking budget): `cot` leaves it, the oracle modes read it
         self._thoughts: dict[tuple[tuple[int, ...], int], Thought] = {}
+
+    def use_adapter(self, adapter: str | LatentAdapter, n_soft_vectors: int | None = None) -> LatentReasoner:
+        """Swap the input adapter (the bridge) and keep everything else, the LLM's remembered thinking
+        included: one reasoner compares several ways in (norm matching, concept token, a trained bridge)."""
+        new = load_adapter(self.backbone, adapter, n_soft_vectors, n_states=self._predicted_states(), layer=self.layer)
+        if self.parts is not None:
+            check_state_count(self.parts.trm, new, "the TRM", describe(adapter, "adapter"))
+            self.parts = replace(self.parts, adapter=_frozen(new, self.device))
+        self._adapter = _frozen(new, self.device)
+        return self
+
+    def _predicted_states(self) -> int:
+        return int(getattr(self.trm, "n_reasoning_tokens", 1)) if self.trm is not None else 1
 
     # ---- small utilities -----------------------------------------------------------------
 

@@ -527,3 +527,17 @@ def test_oracle_hands_the_last_m_states_to_an_adapter_that_takes_m(backbone, gen
         assert gap(full, reasoner.adapter(states)) < 1e-4
         assert gap(compressed, reasoner.adapter(compressor.decompress(compressor.compress(states)))) < 1e-4
         assert gap(full, reasoner.adapter(states.flip(1))) > 1e-2  # the order of the m states matters
+
+
+def test_use_adapter_swaps_the_way_in_and_keeps_the_remembered_thinking(backbone):
+    reasoner = LatentReasoner(backbone, make_compressor(backbone), make_trm(backbone), adapter="norm_match",
+                              device="cpu")
+    problems = make_problems(2)
+    reasoner.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3)
+    thoughts = dict(reasoner._thoughts)
+    before = reasoner.latent_inputs(problems).inputs_embeds
+    assert reasoner.use_adapter("concept") is reasoner
+    assert isinstance(reasoner.adapter, ConceptAdapter) and reasoner.parts.adapter is reasoner.adapter
+    after = reasoner.latent_inputs(problems).inputs_embeds
+    assert not torch.allclose(before, after)  # the soft vector changed, the prompt part did not
+    assert torch.equal(before[:, :-2], after[:, :-2]) and reasoner._thoughts == thoughts
