@@ -265,7 +265,7 @@ class LatentReasoner:
         self.end_ids = end_of_turn_ids(self.tokenizer, self.model)
         # the LLM's thinking per (prompt ids, thinking budget): `cot` leaves it, the oracle modes read it;
         # public, so reasoners with other parts over the same backbone can share it (one thinking, many ways in)
-        self.thoughts: dict[tuple[tuple[int, ...], int], Thought] = {}
+        self.remembered_thinking: dict[tuple[tuple[int, ...], int], Thought] = {}
 
     def use_adapter(self, adapter: str | LatentAdapter, n_soft_vectors: int | None = None) -> LatentReasoner:
         """Swap the input adapter (the bridge) and keep everything else, the LLM's remembered thinking
@@ -420,7 +420,7 @@ class LatentReasoner:
 
     def _remember(self, item: _Item, max_thinking_tokens: int, generated: Generated, row: int) -> Thought:
         thought = Thought(tuple(generated.thinking_ids(row, self._decode_special)), generated.closed[row])
-        self.thoughts[(tuple(item.prompt.ids), max_thinking_tokens)] = thought
+        self.remembered_thinking[(tuple(item.prompt.ids), max_thinking_tokens)] = thought
         return thought
 
     @torch.no_grad()
@@ -429,7 +429,8 @@ class LatentReasoner:
         forced at the budget): remembered ones as they are, the others generated in one batch."""
         items = self._as_items(items)
         keys = [(tuple(item.prompt.ids), max_thinking_tokens) for item in items]
-        missing = list({key: item for key, item in zip(keys, items) if key not in self.thoughts}.values())
+        remembered = self.remembered_thinking
+        missing = list({key: item for key, item in zip(keys, items) if key not in remembered}.values())
         if missing:
             prompts = self._batch(missing)
             # one answer token: the step after the closing tag is where a row's thinking is known to end
@@ -437,7 +438,7 @@ class LatentReasoner:
             generated = self._generate(input_ids=prompts.input_ids, attention_mask=prompts.mask, think=budget)
             for row, item in enumerate(missing):
                 self._remember(item, max_thinking_tokens, generated, row)
-        return [self.thoughts[key] for key in keys]
+        return [self.remembered_thinking[key] for key in keys]
 
     @torch.no_grad()
     def end_of_thinking_states(self, items: Sequence[_Item] | Sequence[Problem], thoughts: Sequence[Thought]) -> Tensor:

@@ -534,10 +534,10 @@ def test_use_adapter_swaps_the_way_in_and_keeps_the_remembered_thinking(backbone
                               device="cpu")
     problems = make_problems(2)
     reasoner.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3)
-    thoughts = dict(reasoner.thoughts)
+    thoughts = dict(reasoner.remembered_thinking)
     before = reasoner.latent_inputs(problems).inputs_embeds
     assert reasoner.use_adapter("concept") is reasoner
     assert isinstance(reasoner.adapter, ConceptAdapter) and reasoner.parts.adapter is reasoner.adapter
     after = reasoner.latent_inputs(problems).inputs_embeds
     assert not torch.allclose(before, after)  # the soft vector changed, the prompt part did not
-    assert torch.equal(before[:, :-2], after[:, :-2]) and reasoner.thoughts == thoughts
+    assert torch.equal(before[:, :-2], after[:, :-2]) and reasoner.remembered_thinking == thoughts
