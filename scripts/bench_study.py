@@ -1,0 +1,307 @@
+"""The study: does a predicted end-of-thinking state stand in for thinking? (issue 12, `make study`)
+
+    python scripts/bench.py study                    # BENCHMARKS.md `study` section (+ benchmarks/study.json, .png)
+    python scripts/bench_study.py --work runs/study  # the same, printed; finished steps are reused
+
+On the embedded model, offline, on CPU, with the demo's problem family, prompt and budgets
+(configs/demo/*.yaml, scaled up), every step a real `llm-trm` command:
+
+1. datagen of a few hundred problems, storing the last 4 thinking states of each;
+2. the compressor (stage 1a on general text, 1b on the datagen records), the TRM (m = 1), and
+   two bridges: m = 1 (trained on true states and on the TRM's predictions) and m = 4 (true states);
+3. the ladder on held-out problems of the same family, all against the same `cot` run:
+   no_think, trm through norm matching, through the concept token, through the bridge, the
+   oracle (the true state through the bridge, m = 1 and m = 4), oracle_full (without the
+   compressor), the shuffled control (another problem's true state), cot — accuracy, agreement
+   with cot, first-answer-token KL(cot || mode) and the share of CoT's effect recovered, with
+   95% intervals; and the TRM's held-out R^2 against the mean / ridge / last-token baselines.
+
+Model selection never sees the reported split: the TRM and the bridges select on their val split
+and report on their test split; the ladder runs on problems no datagen sample was drawn from.
+Prints the markdown section; writes benchmarks/study.json, benchmarks/study_ladder.png and
+TensorBoard logs under <work>/tensorboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo"
+OUT = ROOT / "benchmarks"
+
+
+# --------------------------------------------------------------------------- steps as llm-trm commands
+
+
+def llm_trm(*args: str, log: Path) -> float:
+    """Run `llm-trm ARGS` in a fresh process (offline), its output appended to `log`; returns seconds."""
+    started = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "a") as handle:
+        handle.write(f"\n$ llm-trm {' '.join(args)}\n")
+        handle.flush()
+        run = subprocess.run([sys.executable, "-m", "llm_trm.cli", *args], cwd=ROOT, env=env, stdout=handle,
+                             stderr=subprocess.STDOUT)
+    if run.returncode != 0:
+        sys.exit(f"study: `llm-trm {' '.join(args)}` failed (exit {run.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def derived_config(name: str, work: Path, edit: dict[str, Any]) -> Path:
+    """configs/demo/<name>.yaml with `edit` applied (dotted keys), written to <work>/configs/<name>.yaml."""
+    config = yaml.safe_load((DEMO / f"{name}.yaml").read_text())
+    for dotted, value in edit.items():
+        node = config
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        node[last] = value
+    target = work / "configs" / f"{name}.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def export_path_key(config_name: str) -> str:
+    """The dotted key of the ExportBestModel callback's `path` in a demo fit config."""
+    config = yaml.safe_load((DEMO / f"{config_name}.yaml").read_text())
+    for index, callback in enumerate(config["trainer"]["callbacks"]):
+        if callback["class_path"].endswith("ExportBestModel"):
+            return f"trainer.callbacks.{index}.init_args.path"
+    raise SystemExit(f"study: configs/demo/{config_name}.yaml has no ExportBestModel callback")
+
+
+def fit(name: str, work: Path, export: Path, edit: dict[str, Any], log: Path) -> float:
+    """`llm-trm fit` on a derived demo config, exporting to `export`; skipped when the export exists."""
+    if (export / "config.json").is_file():
+        return 0.0
+    logger = {"trainer.logger.init_args.save_dir": str(work / "runs")}
+    config = derived_config(name, work, {**logger, export_path_key(name): str(export), **edit})
+    return llm_trm("fit", "--config", str(config), log=log)
+
+
+def run_pipeline(args: argparse.Namespace, work: Path, log: Path) -> dict[str, float]:
+    pairs = work / "hidden_pairs"
+    seconds: dict[str, float] = {}
+    if not (pairs / "index.json").is_file() or args.fresh_datagen:
+        config = derived_config("datagen", work, {"data.num_samples": args.problems, "model.num_post_states": 4,
+                                                  "writer.output_dir": str(pairs),
+                                                  "writer.checkpoint_every": 32})
+        seconds["datagen"] = llm_trm("datagen", "--config", str(config), "--trainer.enable_progress_bar", "false",
+                                     log=log)
+    seconds["stage1a"] = fit("stage1a", work, work / "compressor_1a", {}, log)
+    seconds["stage1b"] = fit("stage1b", work, work / "compressor_1b", {
+        "model.init_args.init_from": str(work / "compressor_1a"), "data.init_args.source": str(pairs),
+        "data.init_args.num_samples": args.problems}, log)
+    seconds["trm"] = fit("trm", work, work / "trm_model", {
+        "model.init_args.compressor_checkpoint": str(work / "compressor_1b"), "data.init_args.data_path": str(pairs),
+        "trainer.max_epochs": args.trm_epochs}, log)
+    bridge_data = {"data.init_args.data_path": str(pairs), "trainer.max_epochs": args.bridge_epochs}
+    seconds["bridge_m1"] = fit("bridge", work, work / "bridge_m1", {
+        **bridge_data, "model.init_args.trm_checkpoint": str(work / "trm_model"),
+        "model.init_args.compressor_checkpoint": str(work / "compressor_1b"), "model.init_args.trm_fraction": 0.5},
+        log)
+    seconds["bridge_m4"] = fit("bridge", work, work / "bridge_m4", {
+        **bridge_data, "model.init_args.n_states": 4, "model.init_args.n_soft_vectors": 4}, log)
+    return seconds
+
+
+# --------------------------------------------------------------------------- the ladder
+
+
+LADDER = [  # (label, adapter, mode); cot and no_think come first from the same reasoner
+    ("trm (norm-match)", "norm_match", "trm"),
+    ("trm (concept)", "concept", "trm"),
+    ("trm (bridge)", "bridge_m1", "trm"),
+    ("oracle (bridge)", "bridge_m1", "oracle"),
+    ("oracle_full (bridge)", "bridge_m1", "oracle_full"),
+    ("shuffled (bridge)", "bridge_m1", "shuffled"),
+]
+
+
+def run_ladder(args: argparse.Namespace, work: Path) -> tuple[list[Any], dict[str, Any]]:
+    import torch
+
+    from llm_trm.backbone import load_backbone
+    from llm_trm.evaluate import add_fidelity, compare_with_cot, held_out_problems, summarize
+    from llm_trm.inference import LatentReasoner
+
+    datagen = yaml.safe_load((DEMO / "datagen.yaml").read_text())
+    evaluation = yaml.safe_load((DEMO / "evaluate.yaml").read_text())
+    problems = held_out_problems(evaluation["datasets"], "test", args.eval_problems, evaluation.get("seed", 0),
+                                 work / "hidden_pairs")
+    budget = dict(max_new_tokens=evaluation["max_new_tokens"], max_thinking_tokens=datagen["model"]["max_new_tokens"],
+                  batch_size=evaluation.get("batch_size", 8), on_error="record", capture_logits=True)
+    torch.manual_seed(0)
+    backbone = load_backbone("embedded", "float32")
+    reasoner = LatentReasoner(backbone, compressor=str(work / "compressor_1b"), trm=str(work / "trm_model"),
+                              adapter="norm_match", device="cpu")
+    results: dict[str, list[Any]] = {}
+    started = time.perf_counter()
+    results["cot"] = reasoner.answer(problems, mode="cot", **budget)
+    cot = results["cot"]
+
+    def run(label: str, mode: str, who: LatentReasoner) -> None:
+        rows = who.answer(problems, mode=mode, **budget)
+        for row in rows:
+            row.mode = label
+        compare_with_cot(rows, cot, problems)
+        for row in rows:  # only the reference's distributions are kept
+            row.first_token_logits = None
+        results[label] = rows
+
+    run("no_think", "no_think", reasoner)
+    for label, adapter, mode in LADDER:
+        reasoner.use_adapter(str(work / adapter) if adapter.startswith("bridge") else adapter)
+        run(label, mode, reasoner)
+    # m = 4: the oracle through the 4-state bridge, with the same remembered thinking
+    oracle_m4 = LatentReasoner(backbone, compressor=str(work / "compressor_1b"), adapter=str(work / "bridge_m4"),
+                               device="cpu")
+    oracle_m4.remembered_thinking = reasoner.remembered_thinking
+    run("oracle (bridge, m=4)", "oracle", oracle_m4)
+    for row in cot:
+        row.first_token_logits = None
+    summaries = [summarize(label, rows) for label, rows in results.items()]
+    add_fidelity(summaries, results, args.bootstrap, 0)
+    facts = {"problems": [p.sample_id for p in problems], "ladder_seconds": time.perf_counter() - started}
+    return summaries, facts
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _ci(value: float | None, low: float | None, high: float | None, pattern: str = "{:.2f}") -> str:
+    if value is None:
+        return "-"
+    if low is None or high is None:
+        return _f(value, pattern)
+    return f"{pattern.format(value)} [{pattern.format(low)}, {pattern.format(high)}]"
+
+
+def ladder_table(summaries: list[Any]) -> list[str]:
+    lines = ["| mode | accuracy | answer = cot's | first token = cot's | KL(cot ‖ mode) | share of KL recovered | "
+             "share of accuracy recovered | share of answer agreement recovered |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(
+            f"| {s.mode} | {_ci(s.accuracy, s.ci_low, s.ci_high)} | "
+            f"{_ci(s.answer_agreement, s.answer_agreement_ci_low, s.answer_agreement_ci_high)} | "
+            f"{_ci(s.first_token_agreement, s.first_token_agreement_ci_low, s.first_token_agreement_ci_high)} | "
+            f"{_ci(s.kl_to_cot, s.kl_ci_low, s.kl_ci_high)} | {_ci(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high)} | "
+            f"{_ci(s.share_accuracy, s.share_accuracy_ci_low, s.share_accuracy_ci_high)} | "
+            f"{_ci(s.share_answer_agreement, s.share_answer_agreement_ci_low, s.share_answer_agreement_ci_high)} |")
+    return lines
+
+
+def trm_table(work: Path) -> tuple[list[str], dict[str, float | None]]:
+    """The TRM's test-split R^2 and centred cosine against the baselines (its export's metrics.json: the
+    exported weights re-scored; val selected them, test only reports)."""
+    test = json.loads((work / "trm_model" / "metrics.json").read_text())["splits"]["test"]
+    rows = [("TRM (EMA)", test["model"], "")] + [(f"{name.replace('_', ' ')} baseline", test["baselines"], f"{name}_")
+                                                 for name in ("mean", "ridge", "last_token")]
+    lines = ["| predictor (test split) | R^2 (D') | centred cosine | cosine | R^2 (full D) |", "|---|---|---|---|---|"]
+    values: dict[str, float | None] = {}
+    for label, metrics, prefix in rows:
+        r2 = metrics.get(f"{prefix}explained_variance")
+        values[label] = r2
+        lines.append(f"| {label} | {_f(r2, '{:.3f}')} | {_f(metrics.get(f'{prefix}centred_cosine'), '{:.3f}')} | "
+                     f"{_f(metrics.get(f'{prefix}cosine'), '{:.3f}')} | "
+                     f"{_f(metrics.get(f'{prefix}full_explained_variance'), '{:.3f}')} |")
+    lines += ["", f"{test['num_samples']} test samples (the datagen run's test split by sample id)."]
+    return lines, values
+
+
+def targets(summaries: list[Any], trm_r2: dict[str, float]) -> list[str]:
+    """The issue's numbers to reach, each checked here from the measured values."""
+    by_mode = {s.mode: s for s in summaries}
+    oracle, shuffled, trm = (by_mode.get(m) for m in ("oracle (bridge)", "shuffled (bridge)", "trm (bridge)"))
+    checks = []
+    if oracle and oracle.share_kl is not None:
+        excludes_zero = oracle.share_kl_ci_low is not None and oracle.share_kl_ci_low > 0
+        checks.append(("the oracle with the trained bridge recovers a share of CoT's first-token KL reduction "
+                       "whose 95% interval excludes 0", excludes_zero,
+                       _ci(oracle.share_kl, oracle.share_kl_ci_low, oracle.share_kl_ci_high)))
+        if shuffled and shuffled.share_kl is not None:
+            checks.append(("... and clearly more than the shuffled control (its interval above the control's value)",
+                           oracle.share_kl_ci_low is not None and oracle.share_kl_ci_low > shuffled.share_kl,
+                           f"{_f(oracle.share_kl)} vs {_f(shuffled.share_kl)}"))
+        if trm and trm.share_kl is not None and oracle.share_kl > 0:
+            ratio = trm.share_kl / oracle.share_kl
+            checks.append(("trm with the bridge recovers at least 30% of the oracle's gain", ratio >= 0.3,
+                           f"{ratio:.2f} of the oracle's share"))
+    model, mean, ridge = (trm_r2.get(k) for k in ("TRM (EMA)", "mean baseline", "ridge baseline"))
+    if None not in (model, mean, ridge):
+        checks.append(("the TRM's held-out R^2 beats the mean and ridge baselines", model > max(mean, ridge),
+                       f"{model:.3f} vs mean {mean:.3f}, ridge {ridge:.3f}"))
+    return [f"- {'met' if ok else '**missed**'}: {what} ({value})" for what, ok, value in checks]
+
+
+def write_figure(summaries: list[Any], work: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from llm_trm.evaluate import log_to_tensorboard, markdown_table, plot_fidelity_ladder
+
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "study_ladder.png"
+    figure = plot_fidelity_ladder(summaries, path)
+    log_to_tensorboard(work / "tensorboard", summaries, {"study_ladder": figure}, markdown_table(summaries))
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "study"), help="where the study's runs go")
+    parser.add_argument("--problems", type=int, default=256, help="datagen problems (train/val/test of the parts)")
+    parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems in the ladder")
+    parser.add_argument("--trm-epochs", type=int, default=40)
+    parser.add_argument("--bridge-epochs", type=int, default=4)
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--fresh-datagen", action="store_true", help="regenerate the datagen output")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "study.log"
+    started = time.perf_counter()
+    seconds = run_pipeline(args, work, log)
+    summaries, facts = run_ladder(args, work)
+    figure = write_figure(summaries, work)
+    trm_lines, trm_r2 = trm_table(work)
+    wall = time.perf_counter() - started
+    datagen = yaml.safe_load((DEMO / "datagen.yaml").read_text())
+    OUT.mkdir(exist_ok=True)
+    (OUT / "study.json").write_text(json.dumps({
+        "args": vars(args), "step_seconds": seconds, "wall_seconds": wall, **facts,
+        "ladder": [vars(s) for s in summaries], "trm_r2": trm_r2}, indent=2, default=str))
+    print(f"Embedded SmolLM2-135M on CPU; {args.problems} datagen problems ({', '.join(datagen['data']['dataset'].split(','))}, "
+          f"{datagen['model']['max_new_tokens']} thinking tokens, the last 4 states stored), "
+          f"{len(facts['problems'])} held-out problems in the ladder. Wall time {wall / 60:.1f} min "
+          f"(steps: {', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items() if v)}; "
+          f"ladder {facts['ladder_seconds'] / 60:.1f} min). Figure: `{figure.relative_to(ROOT)}`; "
+          f"numbers: `benchmarks/study.json`; TensorBoard: `{work}/tensorboard`.\n")
+    print("### The ladder (reference cot, baseline no_think; 95% intervals)\n")
+    print("\n".join(ladder_table(summaries)))
+    print("\nShare recovered = (mode - no_think) / (cot - no_think); '-' where cot and no_think do not differ. "
+          "Agreement intervals are Wilson, KL and share intervals a paired bootstrap over problems.\n")
+    print("### The TRM against its baselines\n")
+    print("\n".join(trm_lines))
+    print("\n### The issue's targets, checked\n")
+    print("\n".join(targets(summaries, trm_r2)))
+
+
+if __name__ == "__main__":
+    main()
