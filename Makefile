@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.setup-done
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo notebooks test test-fast bench bench-gpu clean
+.PHONY: help setup demo notebooks test test-fast bench bench-gpu study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test-fast: setup ## the tests without the ones marked slow
 
 bench: setup ## run the benchmarks and rewrite their sections of BENCHMARKS.md
 	$(BIN)/python scripts/bench.py
+
+study: setup ## does a predicted state stand in for thinking? the ladder on the embedded model (~1 h CPU): BENCHMARKS.md study section
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python scripts/bench.py study
 
 # no `setup` prerequisite: on an offline GPU machine with the packages already installed it runs as is
 bench-gpu: ## the real-size pipeline on one CUDA device (< 8 min, offline): BENCHMARKS.md gpu section + benchmarks/gpu.json

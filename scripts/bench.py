@@ -3,6 +3,7 @@
     python scripts/bench.py                 # every section
     python scripts/bench.py phase1 datagen  # only these
     python scripts/bench.py gpu             # the GPU benchmark (`make bench-gpu`): only when named, needs CUDA
+    python scripts/bench.py study           # the study (`make study`, ~1 hour on 2 CPU cores): only when named
 
 Each section is a script `scripts/bench_<name>.py` that prints a markdown body to stdout.
 Its section in BENCHMARKS.md (between `<!-- bench:<name> -->` markers) is replaced with
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTIONS = ["phase1", "datagen", "shards", "trm", "evaluate", "grpo", "sandbox"]
-ON_REQUEST = ["gpu"]  # run only when named: needs a CUDA device
+ON_REQUEST = ["gpu", "study"]  # run only when named: gpu needs a CUDA device, the study takes about an hour
 
 
 def machine() -> str:
