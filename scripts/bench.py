@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-SECTIONS = ["phase1", "datagen", "shards", "trm", "evaluate", "grpo", "sandbox"]
+SECTIONS = ["phase1", "datagen", "thinking", "shards", "trm", "evaluate", "grpo", "sandbox"]
 ON_REQUEST = ["gpu"]  # run only when named: needs a CUDA device
 
 

@@ -55,7 +55,8 @@ def parse_args() -> argparse.Namespace:
                         help="answer budget in (b) (default: the demo datagen's max_answer_tokens)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=int(demo.get("seed", 0)))
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (at most 2 on the shared machines)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, e.g. OMP_NUM_THREADS, at most 2)")
     return parser.parse_args()
 
 
@@ -129,16 +130,16 @@ def interval(successes: int, total: int) -> str:
 
 
 def choose(cells: list[CloseCell], rows: list[AccuracyRow]) -> tuple[CloseCell | None, AccuracyRow | None, str]:
-    """The demo's setup: cells closing at least MIN_CLOSED_SHARE; among them the family with the
-    largest CoT gain when one is positive, else the highest closed share; greedy on ties."""
-    eligible = [c for c in cells if c.share >= MIN_CLOSED_SHARE]
+    """The demo's setup: cells of the pipeline's prompt style (the only one datagen renders; the other is
+    the baseline) closing at least MIN_CLOSED_SHARE; among them the family with the largest CoT gain
+    when one is positive, else the highest closed share; greedy on ties."""
+    eligible = [c for c in cells if c.style == PROMPT_STYLE and c.share >= MIN_CLOSED_SHARE]
     if not eligible:
         return None, None, "no setup reached the target"
     gains = {row.family: row for row in rows}
     helped = [c for c in eligible if c.family in gains and gains[c.family].gain > 0]
     pool = helped or eligible
-    rank = lambda c: (gains[c.family].gain if helped else 0.0, c.share, c.decoding == "greedy",  # noqa: E731
-                      c.style == PROMPT_STYLE)
+    rank = lambda c: (gains[c.family].gain if helped else 0.0, c.share, c.decoding == "greedy")  # noqa: E731
     best = max(pool, key=rank)
     why = ("the family where CoT beats no-thinking by the most" if helped else
            "no family answers better with CoT than without here, so the highest closed share")
@@ -151,13 +152,13 @@ def demo_setup() -> dict[str, object]:
             "budget": demo["model"]["max_new_tokens"]}
 
 
-def report(args: argparse.Namespace, cells: list[CloseCell], rows: list[AccuracyRow], wall: float,
+def report(args: argparse.Namespace, sampling: str, cells: list[CloseCell], rows: list[AccuracyRow], wall: float,
            timings: dict[str, float]) -> None:
     print(f"\nbackbone `{args.backbone}` on CPU, {torch.get_num_threads()} torch threads, batch {args.batch_size}, "
-          f"thinking budget {args.budget} tokens (configs/demo/datagen.yaml), answer budget {args.answer_tokens}. "
-          f"Prompt styles: `system_line` (a system line asking for step-by-step reasoning in think tags) and "
-          f"`{PROMPT_STYLE}` (a system line asking for brief thinking, then worked exchanges of the format: the "
-          "prompt every pipeline step now renders for templates without think tags).\n")
+          f"thinking budget {args.budget} tokens (configs/demo/datagen.yaml), answer budget {args.answer_tokens}, "
+          f"sampling = {sampling}. Prompt styles: `system_line` (a system line asking for step-by-step reasoning in "
+          f"think tags) and `{PROMPT_STYLE}` (a system line asking for brief thinking, then worked exchanges of the "
+          "format: the prompt every pipeline step renders for templates without think tags).\n")
     print(f"### (a) Thinking closed by the model itself within {args.budget} tokens "
           f"({args.close_problems} `train` problems per cell, DatagenModule's generation)\n")
     print("| family | prompt | decoding | closed itself | share | thinking tokens when closed (mean) | seconds |")
@@ -180,8 +181,9 @@ def report(args: argparse.Namespace, cells: list[CloseCell], rows: list[Accuracy
         print(f"No setup had the model close its own thinking in at least {MIN_CLOSED_SHARE:.0%} of the problems "
               f"within {args.budget} tokens: the demo keeps forced closes (the TRM then learns cut-off thoughts).")
     else:
-        gain = (f"CoT {row.cot}/{row.total} vs no-thinking {row.no_think}/{row.total} on this family"
-                if row is not None else "accuracy not measured for this family")
+        gain = (f"accuracy with CoT {interval(row.cot, row.total)} vs without thinking "
+                f"{interval(row.no_think, row.total)} on this family" if row is not None
+                else "accuracy not measured for this family")
         print(f"**Chosen for the demo:** `{best.family}`, `{best.style}` prompt, {best.decoding} decoding, "
               f"{args.budget} thinking tokens: the model closed its own thinking in {best.closed}/{best.total} "
               f"problems ({best.share:.0%}, target at least {MIN_CLOSED_SHARE:.0%}); chosen as {why} ({gain}). "
@@ -202,7 +204,7 @@ def report(args: argparse.Namespace, cells: list[CloseCell], rows: list[Accuracy
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or min(2, torch.get_num_threads())))
     families = [name.strip() for name in args.families.split(",") if name.strip()]
     module = DatagenModule(backbone=args.backbone, max_new_tokens=args.budget, max_answer_tokens=0,
                            backbone_dtype="float32")
@@ -225,7 +227,8 @@ def main() -> None:
             problems = load_problems(family, split="test", num_samples=args.accuracy_problems, seed=args.seed)
             rows.append(measure_accuracy(reasoner, family, problems, args.budget, args.answer_tokens, args.batch_size))
     timings["accuracy"] = time.perf_counter() - started - timings["load"] - timings["close"]
-    report(args, cells, rows, time.perf_counter() - started, timings)
+    sampling = f"temperature {module.hparams.temperature}, top_p {module.hparams.top_p} (DatagenModule's defaults)"
+    report(args, sampling, cells, rows, time.perf_counter() - started, timings)
 
 
 if __name__ == "__main__":
