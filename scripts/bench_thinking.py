@@ -165,7 +165,8 @@ def report(args: argparse.Namespace, sampling: str, cells: list[CloseCell], rows
     print("|---|---|---|---:|---:|---:|---:|")
     for c in cells:
         mean = f"{sum(c.closed_tokens) / len(c.closed_tokens):.1f}" if c.closed_tokens else "-"
-        print(f"| {c.family} | {c.style} | {c.decoding} | {c.closed}/{c.total} | {c.share:.2f} | {mean} | {c.seconds:.0f} |")
+        print(f"| {c.family} | {c.style} | {c.decoding} | {c.closed}/{c.total} | {c.share:.2f} | {mean} "
+              f"| {c.seconds:.0f} |")
     if rows:
         print(f"\n### (b) Accuracy with vs without thinking ({args.accuracy_problems} `test` problems per family, "
               f"`{PROMPT_STYLE}` prompt, greedy, LatentReasoner `cot` / `no_think`, 95% Wilson intervals)\n")

@@ -203,7 +203,8 @@ def test_reasoning_gym_sources_are_deterministic_and_differ_per_split():
 
 
 def test_reasoning_gym_difficulty_and_non_numeric_answers():
-    fields = problems_module.convert_reasoning_gym({"question": "1 + 2 =", "answer": " 3 ", "metadata": {"difficulty": 2}})
+    row = {"question": "1 + 2 =", "answer": " 3 ", "metadata": {"difficulty": 2}}
+    fields = problems_module.convert_reasoning_gym(row)
     assert fields["gold_answer"] == "3" and fields["difficulty"] == 2.0
     with pytest.raises(ValueError, match="'Friday' is not a number"):
         problems_module.convert_reasoning_gym({"question": "Which day?", "answer": "Friday"})
@@ -540,7 +541,8 @@ def test_pre_states_end_at_the_last_opening_tag_of_the_worked_example_prompt(smo
 def test_the_system_line_style_is_the_earlier_prompt(smollm2_like_tokenizer):
     tokenizer = smollm2_like_tokenizer
     old = build_chat_prompt(tokenizer, PROBLEM, style="system_line")
-    assert old == _turn("system", THINKING_SYSTEM_PROMPT) + _turn("user", PROBLEM.prompt) + "<|im_start|>assistant\n<think>\n"
+    expected = _turn("system", THINKING_SYSTEM_PROMPT) + _turn("user", PROBLEM.prompt) + "<|im_start|>assistant\n"
+    assert old == expected + "<think>\n"
     new_print = problems_module.prompt_fingerprint(tokenizer)
     old_print = problems_module.prompt_fingerprint(tokenizer, style="system_line")
     assert new_print != old_print and len(old_print) == 16
