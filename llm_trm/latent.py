@@ -29,7 +29,7 @@ from torch import Tensor
 
 from llm_trm.backbone import Backbone, run_decoder
 from llm_trm.batching import pad_token_ids
-from llm_trm.data.problems import Problem, build_chat_prompt
+from llm_trm.data.problems import PROMPT_STYLE, Problem, build_chat_prompt
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.hub import check_compatible, load_compressor, load_trm
 from llm_trm.models.adapter import BridgeAdapter, ConceptAdapter, LatentAdapter, LinearAdapter, NormMatchAdapter
@@ -250,9 +250,10 @@ class Prompt:
     pre_length: int
 
 
-def encode_prompt(tokenizer: Any, problem: Problem, thinking: bool = True) -> Prompt:
-    """The chat prompt (ending inside the opening think tag, or with an empty think block) as ids."""
-    text = build_chat_prompt(tokenizer, problem, thinking=thinking)
+def encode_prompt(tokenizer: Any, problem: Problem, thinking: bool = True, *, style: str = PROMPT_STYLE) -> Prompt:
+    """The chat prompt (ending inside the opening think tag, or with an empty think block) as ids.
+    `style` matters only for templates without think tags; the pipeline always uses the default."""
+    text = build_chat_prompt(tokenizer, problem, thinking=thinking, style=style)
     ids = tokenizer.encode(text, add_special_tokens=False)
     return Prompt(problem, ids, opening_tag_end(tokenizer, text, ids))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-SECTIONS = ["phase1", "datagen", "shards", "trm", "evaluate", "grpo", "sandbox"]
+SECTIONS = ["phase1", "datagen", "thinking", "shards", "trm", "evaluate", "grpo", "sandbox"]
 ON_REQUEST = ["gpu", "study"]  # run only when named: gpu needs a CUDA device, the study takes about an hour
 
 

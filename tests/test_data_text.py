@@ -6,7 +6,7 @@ import torch
 
 from llm_trm.backbone import backbone_id, load_tokenizer
 from llm_trm.data.cot import CoTDataModule, format_thinking_sequence
-from llm_trm.data.problems import THINKING_SYSTEM_PROMPT, build_chat_prompt
+from llm_trm.data.problems import PROMPT_STYLE, PROMPT_STYLES, build_chat_prompt
 from llm_trm.data.shards import ShardWriter
 from llm_trm.data.text import StreamingChunkDataset, TextDataModule, is_heldout, iter_chunks, pad_collate
 from llm_trm.errors import ConfigMismatchError, DataError
@@ -129,7 +129,7 @@ def test_format_prefills_think_tag_for_models_without_native_thinking(tiny_backb
     assert text == build_chat_prompt(tok, "2+2?", thinking=True) + "two plus two is four\n</think>"
     tok.chat_template = SMOLLM2_STYLE_TEMPLATE  # no think tags: the system prompt asks for them
     text = format_thinking_sequence(tok, "2+2?", " four ")
-    assert text.startswith("<|im_start|>system\n" + THINKING_SYSTEM_PROMPT) and text.endswith("<think>\nfour\n</think>")
+    assert text.startswith("<|im_start|>system\n" + PROMPT_STYLES[PROMPT_STYLE].system) and text.endswith("<think>\nfour\n</think>")
 
 
 def test_hub_text_source_streams_with_the_real_arguments(tiny_backbone_dir, monkeypatch):

@@ -437,7 +437,8 @@ def test_shipped_configs_and_seed_flags_parse():
     assert (real.writer.output_dir, real.writer.checkpoint_every, real.writer.auto_resume) == (
         "./data/hidden_pairs", 100, True)
     demo = parser.parse_args(["--config", str(REPO / "configs/demo/datagen.yaml")])
-    assert demo.model.backbone == "embedded" and demo.data.dataset == "gsm_symbolic"
+    assert demo.model.backbone == "embedded" and demo.data.dataset == "rg:chain_sum?max_terms=2&max_digits=1"
+    assert (demo.model.max_new_tokens, demo.model.do_sample) == (64, False)
 
     seed_style = ["--config", str(REPO / "configs/phase2/datagen.yaml"), "--dataset", "gsm8k,mbpp",
                   "--num_samples=50", "--batch_size", "8", "--max_new_tokens", "64", "--output_dir", "x",
@@ -528,7 +529,8 @@ def test_end_to_end_on_the_embedded_model(tmp_path, capsys):
             "--writer.output_dir", str(out), "--trainer.enable_progress_bar", "false"]
     assert run_datagen(*args) == 0
     records = list(iter_records(out))
-    assert [r["sample_id"] for r in records] == ["gsm_symbolic:0", "gsm_symbolic:1"]
+    family = "rg:chain_sum?max_terms=2&max_digits=1"  # the demo's problems
+    assert [r["sample_id"] for r in records] == [f"{family}:0", f"{family}:1"]
     assert verify_shards(out).ok
     assert "datagen summary" in capsys.readouterr().out
 

@@ -1,18 +1,30 @@
+import dataclasses
 import json
+import re
+from fractions import Fraction
 
 import datasets
 import pytest
 
 from llm_trm.data import problems as problems_module
 from llm_trm.data.problems import (
+    BRIEF_THINKING_SYSTEM_PROMPT,
+    CODE_INSTRUCTION,
     COMPLETION_PLACEHOLDER,
+    RG_FAMILIES,
     THINK_CLOSE,
     THINK_OPEN,
+    THINKING_SYSTEM_PROMPT,
+    ChatTemplateError,
     Problem,
     build_chat_prompt,
+    code_prompt,
     interleave,
     load_problems,
+    math_prompt,
 )
+from llm_trm.eval.answers import check_answer
+from llm_trm.latent import encode_prompt
 from tests.tiny import build_tokenizer
 
 # Rows in the real column layout of each hub dataset.
@@ -155,6 +167,81 @@ def test_gsm_symbolic_is_offline_and_deterministic():
     for problem in first:
         assert problem.kind == "math" and problem.gold_answer.lstrip("-").isdigit()
         assert isinstance(problem.difficulty, float)
+
+
+def _wrong_answer(gold: str) -> str:
+    return str(Fraction(gold) + 1)
+
+
+@pytest.mark.parametrize("family", RG_FAMILIES)
+def test_reasoning_gym_family_gold_answers_are_judged_by_the_checker(family):
+    problems = load_problems(f"rg:{family}", split="train", num_samples=3, seed=0)
+    assert [p.sample_id for p in problems] == [f"rg:{family}:{i}" for i in range(3)]
+    for problem in problems:
+        assert problem.kind == "math" and problem.dataset == f"rg:{family}" and problem.has_gold
+        assert problem.prompt.endswith(problems_module.MATH_INSTRUCTION)
+        gold = problem.gold_answer
+        assert check_answer(problem, f"<think>\nworked it out\n</think>\nThe answer is \\boxed{{{gold}}}.")
+        assert not check_answer(problem, f"The answer is \\boxed{{{_wrong_answer(gold)}}}.")
+
+
+def test_reasoning_gym_sources_are_deterministic_and_differ_per_split():
+    train = load_problems("rg:chain_sum", split="train", num_samples=8, seed=0)
+    assert train == load_problems("rg:chain_sum", split="train", num_samples=8, seed=0)
+    assert load_problems("rg:chain_sum", split="train", num_samples=3, seed=0) == train[:3]  # a prefix
+    test = load_problems("rg:chain_sum", split="test", num_samples=8, seed=0)
+    other_seed = load_problems("rg:chain_sum", split="train", num_samples=8, seed=1)
+    assert [p.prompt for p in train] != [p.prompt for p in test]
+    assert [p.prompt for p in train] != [p.prompt for p in other_seed]
+    # reasoning-gym's own generator with the seed the split maps to (train: seed * 10)
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("chain_sum", size=8, seed=10)[0]
+    assert other_seed[0].prompt == math_prompt(entry["question"]) and other_seed[0].gold_answer == entry["answer"]
+    # chain_sum records its generator's settings, not a number, as difficulty
+    assert all(p.difficulty is None for p in train)
+
+
+def test_reasoning_gym_difficulty_and_non_numeric_answers():
+    row = {"question": "1 + 2 =", "answer": " 3 ", "metadata": {"difficulty": 2}}
+    fields = problems_module.convert_reasoning_gym(row)
+    assert fields["gold_answer"] == "3" and fields["difficulty"] == 2.0
+    with pytest.raises(ValueError, match="'Friday' is not a number"):
+        problems_module.convert_reasoning_gym({"question": "Which day?", "answer": "Friday"})
+
+
+def test_unknown_reasoning_gym_family_lists_the_known_ones():
+    for name in ("rg:chain_summ", "rg:", "rg:gsm_symbolic"):
+        with pytest.raises(ValueError) as error:
+            load_problems(name)
+        message = str(error.value)
+        assert f"Unknown problem source {name!r}" in message and "\n" not in message
+        assert all(f"rg:{family}" in message for family in RG_FAMILIES) and "gsm_symbolic" in message
+
+
+def test_reasoning_gym_settings_in_the_name():
+    easy = load_problems("rg:chain_sum?max_terms=2&max_digits=1&allow_negation=false", split="train", num_samples=60)
+    assert easy[0].sample_id == "rg:chain_sum?max_terms=2&max_digits=1&allow_negation=false:0"
+    # only 200 such questions exist: each is served once, in generation order
+    assert len({p.prompt for p in easy}) == 60 and easy[-1].sample_id.endswith(":59")
+    for problem in easy:
+        expression = problem.prompt.split("problem: ")[1].split(" =")[0]
+        first, operator, second = expression.split()  # two terms of one digit
+        assert operator in "+-" and len(first) == len(second) == 1
+        assert int(problem.gold_answer) == (int(first) + int(second) if operator == "+" else int(first) - int(second))
+    assert problems_module.parse_reasoning_gym_name("rg:gcd?value=x1&min_value=0.5") == (
+        "gcd", {"value": "x1", "min_value": 0.5})
+    for name, message in (("rg:chain_sum?max_term=2", "chain_sum has no setting max_term; its settings: min_terms"),
+                          ("rg:chain_sum?max_terms", "settings read `?key=value&key=value`, got 'max_terms'"),
+                          ("rg:chain_sum?max_terms=2&min_terms=5", "reasoning-gym rejects the settings")):
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            load_problems(name, num_samples=2)
+        assert "\n" not in str(error.value)
+
+
+def test_reasoning_gym_sources_mix_with_others():
+    mixed = load_problems("rg:chain_sum,gsm_symbolic", num_samples=3)
+    assert [p.sample_id for p in mixed] == ["rg:chain_sum:0", "gsm_symbolic:0", "rg:chain_sum:1"]
 
 
 def test_humaneval_local_has_all_164_problems():
@@ -379,14 +466,102 @@ def test_prompt_fingerprint_follows_the_rendered_prompt(smollm3_like_tokenizer, 
     assert problems_module.prompt_fingerprint(tokenizer) != base
 
 
-def test_prompt_fingerprint_covers_the_system_prompt_of_templates_without_think_tags(monkeypatch):
+def test_prompt_fingerprint_covers_the_system_line_and_worked_exchanges(monkeypatch):
     tokenizer = build_tokenizer()
     tokenizer.chat_template = SMOLLM2_STYLE_TEMPLATE
     base = problems_module.prompt_fingerprint(tokenizer)
-    monkeypatch.setattr(problems_module, "THINKING_SYSTEM_PROMPT", "Think first.")
-    assert problems_module.prompt_fingerprint(tokenizer) != base
+    style = problems_module.PROMPT_STYLES[problems_module.PROMPT_STYLE]
+    for change in ({"system": "Think first."}, {"math_examples": style.math_examples[:1]},
+                   {"code_examples": ()}):
+        monkeypatch.setitem(problems_module.PROMPT_STYLES, style.name, dataclasses.replace(style, **change))
+        assert problems_module.prompt_fingerprint(tokenizer) != base, change
+    monkeypatch.undo()
+    assert problems_module.prompt_fingerprint(tokenizer) == base
 
 
 def test_build_chat_prompt_takes_the_prompt_text(tokenizer):
     assert build_chat_prompt(tokenizer, PROBLEM.prompt, thinking=False) == build_chat_prompt(tokenizer, PROBLEM,
                                                                                               thinking=False)
+
+
+# --------------------------------------------------------------------- the worked-example prompt
+
+
+@pytest.fixture()
+def smollm2_like_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = SMOLLM2_STYLE_TEMPLATE
+    return tokenizer
+
+
+def _turn(role: str, content: str) -> str:
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def test_worked_example_prompt_shows_the_format_before_the_problem(smollm2_like_tokenizer):
+    tokenizer = smollm2_like_tokenizer
+    text = build_chat_prompt(tokenizer, PROBLEM)
+    assert text == build_chat_prompt(tokenizer, PROBLEM)  # deterministic
+    expected_head = (
+        _turn("system", BRIEF_THINKING_SYSTEM_PROMPT)
+        + _turn("user", math_prompt("What is 12 + 7?"))
+        + _turn("assistant", "<think>\n12 + 7 = 19. So the answer is 19.\n</think>\nThe answer is \\boxed{19}.")
+        + _turn("user", math_prompt("Sam has 3 boxes with 6 pens in each. He gives away 5 pens. "
+                                    "How many pens does he have left?"))
+        + _turn("assistant", "<think>\n3 * 6 = 18 pens. 18 - 5 = 13. So the answer is 13.\n</think>\n"
+                             "The answer is \\boxed{13}.")
+        + _turn("user", PROBLEM.prompt)
+        + "<|im_start|>assistant\n"
+    )
+    assert text == expected_head + "<think>\n"
+    # without thinking: the same exchanges, then an empty think block
+    assert build_chat_prompt(tokenizer, PROBLEM, thinking=False) == expected_head + "<think>\n\n</think>\n"
+
+
+def test_worked_example_prompt_for_code_shows_a_code_answer(smollm2_like_tokenizer):
+    problem = Problem("c:0", "c", 0, code_prompt("Write a function add(a, b) that returns a + b."), "", "code",
+                      tests="assert add(1, 2) == 3")
+    text = build_chat_prompt(smollm2_like_tokenizer, problem)
+    assert "def square(x):\n    return x * x\n```" in text and "\\boxed{19}" not in text
+    assert text.endswith(_turn("user", problem.prompt) + "<|im_start|>assistant\n<think>\n")
+    # bare prompt text (a datagen record's) is recognised as code by the registry's instruction
+    assert problem.prompt.endswith(CODE_INSTRUCTION)
+    assert build_chat_prompt(smollm2_like_tokenizer, problem.prompt) == text
+
+
+def test_pre_states_end_at_the_last_opening_tag_of_the_worked_example_prompt(smollm2_like_tokenizer):
+    tokenizer = smollm2_like_tokenizer
+    prompt = encode_prompt(tokenizer, PROBLEM)
+    head = tokenizer.decode(prompt.ids[: prompt.pre_length])
+    # the system line, the two worked exchanges, then the prefilled tag the pre states end at
+    assert head.count(THINK_OPEN) == 4 and head.endswith(PROBLEM.prompt + "<|im_end|>\n<|im_start|>assistant\n<think>")
+    assert tokenizer.decode(prompt.ids[prompt.pre_length:]) == "\n"
+
+
+def test_the_system_line_style_is_the_earlier_prompt(smollm2_like_tokenizer):
+    tokenizer = smollm2_like_tokenizer
+    old = build_chat_prompt(tokenizer, PROBLEM, style="system_line")
+    expected = _turn("system", THINKING_SYSTEM_PROMPT) + _turn("user", PROBLEM.prompt) + "<|im_start|>assistant\n"
+    assert old == expected + "<think>\n"
+    new_print = problems_module.prompt_fingerprint(tokenizer)
+    old_print = problems_module.prompt_fingerprint(tokenizer, style="system_line")
+    assert new_print != old_print and len(old_print) == 16
+    assert "worked exchanges" in problems_module.prompt_format(tokenizer)
+    assert "worked exchanges" not in problems_module.prompt_format(tokenizer, style="system_line")
+    with pytest.raises(ChatTemplateError, match="unknown prompt style 'fancy'; known styles: worked_examples"):
+        build_chat_prompt(tokenizer, PROBLEM, style="fancy")
+
+
+def test_native_templates_get_no_worked_examples(smollm3_like_tokenizer, tokenizer):
+    for native in (smollm3_like_tokenizer, tokenizer):
+        for thinking in (True, False):
+            text = build_chat_prompt(native, PROBLEM, thinking)
+            assert text == build_chat_prompt(native, PROBLEM, thinking, style="system_line")
+            assert "\\boxed{19}" not in text and BRIEF_THINKING_SYSTEM_PROMPT not in text
+            assert text.count(THINK_OPEN) == 1
+        assert problems_module.prompt_format(native) == "chat template with enable_thinking"
+    # SmolLM3-like: exactly the template's own rendering, date pinned, tag appended
+    raw = smollm3_like_tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROBLEM.prompt}], tokenize=False, add_generation_prompt=True,
+        chat_template=problems_module.pin_template_date(SMOLLM3_LIKE_TEMPLATE))
+    assert build_chat_prompt(smollm3_like_tokenizer, PROBLEM) == raw + "<think>\n"

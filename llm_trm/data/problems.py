@@ -5,7 +5,12 @@ generator or a local JSONL file) into `Problem`s: a user prompt that asks for th
 answer in a checkable format, and the gold answer or tests to check it against.
 
     problems = load_problems("gsm8k,mbpp", split="test", num_samples=100)
+    problems = load_problems("rg:chain_sum", split="train", num_samples=100)  # offline, generated
     text = build_chat_prompt(tokenizer, problems[0])   # ends with "<think>\\n"
+
+For a chat template without native think tags (the embedded SmolLM2), the prompt shows the
+format with worked exchanges before the problem (`PROMPT_STYLE`), so that a small model
+closes its own thinking; its rendered text is fingerprinted (`prompt_fingerprint`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -36,9 +42,15 @@ MATH_INSTRUCTION = (
     "for example: The answer is \\boxed{42}."
 )
 CODE_INSTRUCTION = "Write your solution in Python, in a single ```python code block."
+# The system line of the `system_line` prompt style (the prompt before worked examples existed).
 THINKING_SYSTEM_PROMPT = (
     "You are a helpful assistant. Before answering, reason step by step inside "
     f"{THINK_OPEN} {THINK_CLOSE} tags, then give your final answer after {THINK_CLOSE}."
+)
+# The system line of the `worked_examples` style: brief thinking, which a small model can finish.
+BRIEF_THINKING_SYSTEM_PROMPT = (
+    f"You are a helpful assistant. Think briefly inside {THINK_OPEN} {THINK_CLOSE}, "
+    f"then give the final answer after {THINK_CLOSE}."
 )
 
 APPS_DIFFICULTY = {"introductory": 1.0, "interview": 2.0, "competition": 3.0}
@@ -258,13 +270,102 @@ def load_apps_rows(split: str, limit: int | None, seed: int) -> Iterable[Row]:
     return _hf_rows("json", None, split, limit, data_files=data_files)
 
 
-def load_gsm_symbolic_rows(split: str, limit: int | None, seed: int) -> Iterable[Row]:
-    import reasoning_gym
+# reasoning-gym families whose answers are numbers (integers, decimals, fractions) that the math
+# checker judges; each is a source `rg:<family>`, or `rg:<family>?<setting>=<value>&...` with
+# settings of the family's config (tests/test_problems.py checks every family).
+RG_PREFIX = "rg:"
+RG_FAMILIES = (
+    "basic_arithmetic", "chain_sum", "coin_flip", "count_bits", "count_primes", "decimal_arithmetic",
+    "decimal_chain_sum", "dice", "gcd", "lcm", "leg_counting",
+    "letter_counting", "number_sequence", "products", "rectangle_count", "simple_equations",
+)
 
-    # Different splits draw from different seeds so train and test differ.
-    split_offset = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
-    size = limit if limit is not None else DEFAULT_GENERATED_SIZE
-    return reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed * 10 + split_offset)
+
+def parse_reasoning_gym_name(name: str) -> tuple[str, dict[str, Any]]:
+    """`rg:chain_sum?max_terms=2&max_digits=1` -> ("chain_sum", {"max_terms": 2, "max_digits": 1}).
+
+    Settings after `?` are the family's reasoning-gym config fields (its difficulty knobs), values
+    read as JSON scalars (2, 0.5, true) or else as text; without them the family's defaults apply.
+    """
+    family, _, query = name.removeprefix(RG_PREFIX).partition("?")
+    settings: dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        key, equals, raw = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"{name}: settings read `?key=value&key=value`, got {item!r}")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key.strip()] = raw.strip()
+    return family, settings
+
+
+def check_reasoning_gym_settings(name: str, family: str, settings: Mapping[str, Any]) -> None:
+    """Each setting must be a field of the family's reasoning-gym config (seed and size are ours)."""
+    if not settings:
+        return
+    import dataclasses
+
+    from reasoning_gym.factory import DATASETS
+
+    known = [f.name for f in dataclasses.fields(DATASETS[family][1]) if f.name not in ("seed", "size")]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: {family} has no setting {', '.join(unknown)}; its settings: {', '.join(known)}")
+
+
+def convert_reasoning_gym(row: Row) -> dict[str, Any]:
+    """A reasoning-gym entry; its answer must be a number, its difficulty is the metadata's when a number."""
+    gold = str(_required(row, "answer")).strip()
+    try:
+        Fraction(gold)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"answer {gold[:40]!r} is not a number the math checker can judge") from None
+    difficulty = (row.get("metadata") or {}).get("difficulty")
+    return {
+        "prompt": math_prompt(_required(row, "question")),
+        "gold_answer": gold,
+        "kind": "math",
+        "difficulty": float(difficulty) if isinstance(difficulty, (int, float)) else None,
+    }
+
+
+def _distinct_questions(rows: Iterable[Row]) -> Iterable[Row]:
+    """Rows whose question was not seen before (a small generator space repeats itself)."""
+    seen: set[str] = set()
+    for row in rows:
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            yield row
+
+
+def reasoning_gym_row_loader(family: str, settings: Mapping[str, Any] | None = None, name: str = "",
+                             distinct: bool = True) -> Callable[[str, int | None, int], Iterable[Row]]:
+    """Entries of a reasoning-gym family (with `settings` for its config), generated offline from
+    `seed`, a different one per split, so train and test differ.
+
+    With `distinct`, a question is served once (e.g. `chain_sum` with one-digit terms has only a
+    few hundred), so that no problem sits in two of the TRM's train / val / test splits: more
+    entries are generated to make up for the repeats (entry i does not depend on the size asked).
+    """
+
+    def load(split: str, limit: int | None, seed: int) -> Iterable[Row]:
+        import reasoning_gym
+
+        split_offset = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+        size = limit if limit is not None else DEFAULT_GENERATED_SIZE
+        try:
+            rows = reasoning_gym.create_dataset(family, size=4 * size + 100 if distinct else size,
+                                                seed=seed * 10 + split_offset, **(settings or {}))
+        except (AssertionError, TypeError, ValueError) as err:  # reasoning-gym validates its config with asserts
+            raise ValueError(f"{name or family}: reasoning-gym rejects the settings {dict(settings or {})}: "
+                             f"{err or 'invalid value'}".splitlines()[0]) from err
+        return islice(_distinct_questions(rows), size) if distinct else rows
+
+    return load
+
+
+load_gsm_symbolic_rows = reasoning_gym_row_loader("gsm_symbolic", distinct=False)  # as it always was
 
 
 def load_humaneval_local_rows(split: str, limit: int | None, seed: int) -> Iterable[Row]:
@@ -297,7 +398,7 @@ SOURCES: dict[str, ProblemSource] = {
 
 
 def known_source_names() -> list[str]:
-    return [*SOURCES, "jsonl:<path>"]
+    return [*SOURCES, *(f"{RG_PREFIX}{family}" for family in RG_FAMILIES), "jsonl:<path>"]
 
 
 def get_source(name: str) -> ProblemSource:
@@ -307,6 +408,11 @@ def get_source(name: str) -> ProblemSource:
             raise ValueError(f"JSONL problem file not found: {path}")
         # The file's stem names the dataset, so sample ids read "<stem>:<line>".
         return ProblemSource(path.stem, jsonl_row_loader(path), convert_jsonl)
+    family, settings = parse_reasoning_gym_name(name) if name.startswith(RG_PREFIX) else ("", {})
+    if family in RG_FAMILIES:
+        check_reasoning_gym_settings(name, family, settings)
+        # the name as given ("rg:chain_sum") names the dataset, so sample ids read "rg:chain_sum:<index>"
+        return ProblemSource(name, reasoning_gym_row_loader(family, settings, name), convert_reasoning_gym)
     if name not in SOURCES:
         raise ValueError(f"Unknown problem source {name!r}; known sources: {', '.join(known_source_names())}")
     return SOURCES[name]
@@ -417,21 +523,112 @@ def _ends_with_empty_think(text: str) -> bool:
     return re.search(rf"{re.escape(THINK_OPEN)}\s*{re.escape(THINK_CLOSE)}\s*$", text) is not None
 
 
-def build_chat_prompt(tokenizer: Any, problem: Problem | str, thinking: bool = True) -> str:
+# ------------------------------------------------------------- prompts for templates without think tags
+
+
+@dataclass(frozen=True)
+class WorkedExchange:
+    """A prior user turn and the assistant's reply in the format asked for: brief thinking, then the answer."""
+
+    user: str
+    thinking: str
+    answer: str
+
+    def messages(self) -> list[dict[str, str]]:
+        reply = f"{THINK_OPEN}\n{self.thinking}\n{THINK_CLOSE}\n{self.answer}"
+        return [{"role": "user", "content": self.user}, {"role": "assistant", "content": reply}]
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a chat template without native think tags is asked for thinking: a system line, and worked
+    exchanges shown before the problem (by the problem's kind, math or code)."""
+
+    name: str
+    system: str
+    math_examples: tuple[WorkedExchange, ...] = ()
+    code_examples: tuple[WorkedExchange, ...] = ()
+
+    def examples(self, kind: str) -> tuple[WorkedExchange, ...]:
+        return self.code_examples if kind == "code" else self.math_examples
+
+    @property
+    def description(self) -> str:
+        shown = " and worked exchanges" if self.math_examples or self.code_examples else ""
+        return f"system line{shown} asking for brief thinking in think tags ({self.name!r})"
+
+
+MATH_EXAMPLES = (
+    # the thinking ends by stating its result, which the answer then repeats (without that line the
+    # 135M model often computes a number, then boxes the instruction's example 42 instead)
+    WorkedExchange(math_prompt("What is 12 + 7?"), "12 + 7 = 19. So the answer is 19.", "The answer is \\boxed{19}."),
+    WorkedExchange(
+        math_prompt("Sam has 3 boxes with 6 pens in each. He gives away 5 pens. How many pens does he have left?"),
+        "3 * 6 = 18 pens. 18 - 5 = 13. So the answer is 13.",
+        "The answer is \\boxed{13}.",
+    ),
+)
+CODE_EXAMPLES = (
+    WorkedExchange(
+        code_prompt("Write a function square(x) that returns x squared."),
+        "Multiply x by itself.",
+        "```python\ndef square(x):\n    return x * x\n```",
+    ),
+)
+PROMPT_STYLES = {
+    style.name: style
+    for style in (
+        # measured by scripts/bench_thinking.py: the embedded model closes its own thinking far more
+        # often when it has seen the format (BENCHMARKS.md, section thinking)
+        PromptStyle("worked_examples", BRIEF_THINKING_SYSTEM_PROMPT, MATH_EXAMPLES, CODE_EXAMPLES),
+        PromptStyle("system_line", THINKING_SYSTEM_PROMPT),  # the earlier prompt, kept for comparison
+    )
+}
+# The style every pipeline step renders (datagen, CoT data, evaluation, GRPO): one prompt, so the
+# prompt states the TRM is trained on are the ones it sees later. Its text is in `prompt_fingerprint`.
+PROMPT_STYLE = "worked_examples"
+
+
+def get_prompt_style(name: str) -> PromptStyle:
+    if name not in PROMPT_STYLES:
+        raise ChatTemplateError(f"unknown prompt style {name!r}; known styles: {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+def _kind_of(problem: Problem | str) -> str:
+    """A problem's kind; for bare prompt text (e.g. a datagen record's), from the registry's instruction."""
+    if isinstance(problem, Problem):
+        return problem.kind
+    return "code" if problem.rstrip().endswith(CODE_INSTRUCTION) else "math"
+
+
+def prompt_format(tokenizer: Any, style: str = PROMPT_STYLE) -> str:
+    """In words, how prompts are rendered for this tokenizer (recorded beside `prompt_fingerprint`)."""
+    if supports_enable_thinking(tokenizer):
+        return "chat template with enable_thinking"
+    return f"chat template, {get_prompt_style(style).description}, <think> prefilled"
+
+
+def build_chat_prompt(tokenizer: Any, problem: Problem | str, thinking: bool = True, *,
+                      style: str = PROMPT_STYLE) -> str:
     """The chat-template text for `problem` (a Problem or its prompt text), with the assistant turn opened.
 
     thinking=True ends with the open think tag ("<think>\\n"), so generation starts
     inside the thinking; thinking=False ends with an empty block
     ("<think>\\n\\n</think>\\n"), so the model answers directly. A template with an
-    `enable_thinking` switch (SmolLM3) is used natively; for one without think
-    tags (SmolLM2) a system message asks for them and the tags are prefilled.
-    A template that prints today's date gets `PROMPT_DATE` instead.
+    `enable_thinking` switch (SmolLM3) is used natively, as it is. For one without think
+    tags (SmolLM2) the prompt `style` (default `PROMPT_STYLE`; the pipeline never passes
+    another) adds a system line asking for brief thinking and worked exchanges of the format
+    before the problem (the same ones whether or not this turn thinks), and the tags are
+    prefilled. A template that prints today's date gets `PROMPT_DATE` instead.
     """
     native = supports_enable_thinking(tokenizer)
     prompt = problem if isinstance(problem, str) else problem.prompt
     messages = [{"role": "user", "content": prompt}]
     if not native:
-        messages.insert(0, {"role": "system", "content": THINKING_SYSTEM_PROMPT})
+        chosen = get_prompt_style(style)
+        shown = [message for exchange in chosen.examples(_kind_of(problem)) for message in exchange.messages()]
+        messages = [{"role": "system", "content": chosen.system}, *shown, *messages]
     options: dict[str, Any] = {"enable_thinking": thinking} if native else {}
     pinned = _pinned_chat_template(tokenizer)
     if pinned is not None:
@@ -452,12 +649,12 @@ def _probe_problems() -> list[Problem]:
     ]
 
 
-def prompt_fingerprint(tokenizer: Any) -> str:
+def prompt_fingerprint(tokenizer: Any, style: str = PROMPT_STYLE) -> str:
     """Hash of the rendered prompt text: probe problems in both thinking modes, as the LLM would read them.
 
-    It changes with anything that changes what the LLM reads (chat template, system prompt,
-    answer instructions, date handling) and with nothing else.
+    It changes with anything that changes what the LLM reads (chat template, prompt style: its
+    system line and worked exchanges, answer instructions, date handling) and with nothing else.
     """
-    texts = [build_chat_prompt(tokenizer, problem, thinking) for problem in _probe_problems()
+    texts = [build_chat_prompt(tokenizer, problem, thinking, style=style) for problem in _probe_problems()
              for thinking in (True, False)]
     return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]

@@ -45,7 +45,7 @@ from llm_trm.backbone import (
 )
 from llm_trm.batching import pad_token_ids
 from llm_trm.data import problems as problem_registry
-from llm_trm.data.problems import Problem, supports_enable_thinking
+from llm_trm.data.problems import Problem
 from llm_trm.data.shards import DatasetCounts, ShardWriter, dataset_of, read_index, sum_counts
 from llm_trm.eval.answers import check_answer
 from llm_trm.generation import CACHE_IMPLEMENTATIONS, GREEDY, Decoding, generate
@@ -254,9 +254,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         return problem_registry.prompt_fingerprint(self.tokenizer)
 
     def prompt_format(self) -> str:
-        if supports_enable_thinking(self.tokenizer):
-            return "chat template with enable_thinking"
-        return "chat template, system prompt asking for think tags, <think> prefilled"
+        return problem_registry.prompt_format(self.tokenizer)
 
     def sampling_settings(self) -> dict[str, Any]:
         return self.decoding.as_dict()
