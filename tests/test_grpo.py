@@ -298,6 +298,7 @@ def test_config_runs_with_fast_dev_run(config, tiny_backbone_dir, parts, problem
     compressor, trm = parts
     code = main(["fit", "--config", str(REPO_ROOT / config), f"--model.init_args.backbone={tiny_backbone_dir}",
           f"--model.init_args.compressor_checkpoint={compressor}", f"--model.init_args.trm_checkpoint={trm}",
+          "--model.init_args.adapter=linear",  # the demo starts from its bridge export, not here
           "--model.init_args.group_size=2", "--model.init_args.max_answer_tokens=2",
           "--model.init_args.warm_start_steps=0", "--model.init_args.backbone_dtype=float32",
           f"--data.init_args.datasets=jsonl:{problems_file}", "--data.init_args.records_dir=null",
