@@ -4,6 +4,7 @@ and from_pretrained / load_* round trips from export folders and Lightning check
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,8 +40,13 @@ def compressor_run(tiny_backbone_dir, tmp_path_factory) -> SimpleNamespace:
     """A Phase 1 fit through the CLI: run dir with events, config.yaml, checkpoints and the export folder."""
     workdir = tmp_path_factory.mktemp("phase1")
     write_corpus(workdir / "corpus.txt", docs=80)
-    cli = LLMTRMCLI(args=text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir,
-                                   "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"))
+    previous = os.getcwd()
+    os.chdir(workdir)  # the config also exports to the relative runs/phase1/compressor_1a: keep it in here
+    try:
+        cli = LLMTRMCLI(args=text_args("configs/phase1/stage1a.yaml", tiny_backbone_dir, workdir,
+                                       "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"))
+    finally:
+        os.chdir(previous)
     run_dir = Path(cli.trainer.log_dir)
     return SimpleNamespace(run_dir=run_dir, export=run_dir / "compressor",
                            last=Path(cli.trainer.checkpoint_callback.last_model_path),
