@@ -4,6 +4,7 @@
     python scripts/bench.py phase1 datagen  # only these
     python scripts/bench.py gpu             # the GPU benchmark (`make bench-gpu`): only when named, needs CUDA
     python scripts/bench.py study           # the study (`make study`, ~1 hour on 2 CPU cores): only when named
+    python scripts/bench.py demo            # run the demo and record its own summary: only when named
 
 Each section is a script `scripts/bench_<name>.py` that prints a markdown body to stdout.
 Its section in BENCHMARKS.md (between `<!-- bench:<name> -->` markers) is replaced with
@@ -23,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTIONS = ["phase1", "datagen", "thinking", "shards", "trm", "evaluate", "grpo", "sandbox"]
-ON_REQUEST = ["gpu", "study"]  # run only when named: gpu needs a CUDA device, the study takes about an hour
+# run only when named: gpu needs a CUDA device, the study takes about an hour, demo reruns `make demo`
+ON_REQUEST = ["gpu", "study", "demo"]
 
 
 def machine() -> str:
@@ -60,6 +62,58 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + f"\n\n## {name}\n\n{block}\n"
 
 
+README = ROOT / "README.md"
+README_START, README_END = "<!-- results: written by scripts/bench.py -->", "<!-- /results -->"
+
+
+def _share(row: dict) -> str:
+    if row.get("share_kl") is None:
+        return "-"
+    low, high = row.get("share_kl_ci_low"), row.get("share_kl_ci_high")
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{row['share_kl']:.2f}{interval}"
+
+
+def readme_results() -> str:
+    """The README's headline numbers, copied from what the demo and the study wrote (benchmarks/*.json)."""
+    import json
+
+    lines = []
+    demo = ROOT / "benchmarks" / "demo.json"
+    if demo.is_file():
+        facts = json.loads(demo.read_text())
+        datagen = facts.get("datagen", {})
+        rows = {row["mode"]: row for row in facts.get("evaluation", {}).get("summary", [])}
+        total = sum(facts.get("step_seconds", {}).values())
+        lines.append(f"- **The demo** (`make demo`, {total / 60:.1f} min on this repository's 2-core CPU machine): the "
+                     f"embedded model closed its own thinking on {100 * (datagen.get('closed_share') or 0):.0f}% of "
+                     f"{datagen.get('samples')} problems; held out, cot answered "
+                     f"{100 * rows.get('cot', {}).get('accuracy', 0):.0f}% and no_think "
+                     f"{100 * rows.get('no_think', {}).get('accuracy', 0):.0f}% right; share of CoT's first-token KL "
+                     "reduction recovered: " + ", ".join(f"{mode} {_share(rows[mode])}" for mode in
+                                                         ("trm", "oracle", "oracle_full", "shuffled") if mode in rows)
+                     + " (BENCHMARKS.md, section demo).")
+    study = ROOT / "benchmarks" / "study.json"
+    if study.is_file():
+        facts = json.loads(study.read_text())
+        ladder = facts.get("ladder", [])
+        lines.append(f"- **The study** (`make study`, {facts.get('wall_seconds', 0) / 60:.0f} min, "
+                     f"{len(facts.get('problems', []))} held-out problems): share of CoT's first-token KL reduction "
+                     "recovered (95% interval): " + "; ".join(f"{row['mode']} {_share(row)}" for row in ladder
+                                                              if row["mode"] not in ("cot", "no_think"))
+                     + " (BENCHMARKS.md, section study, with the accuracy, agreement and the TRM's R^2).")
+    if not lines:
+        lines.append("- (no demo or study results recorded yet: `python scripts/bench.py demo study`)")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme() -> None:
+    text = README.read_text()
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    if pattern.search(text):
+        README.write_text(pattern.sub(lambda _: f"{README_START}\n{readme_results()}{README_END}", text))
+
+
 def main(names: list[str]) -> None:
     wanted = names or [n for n in SECTIONS if (ROOT / "scripts" / f"bench_{n}.py").exists()]
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
@@ -67,7 +121,8 @@ def main(names: list[str]) -> None:
         print(f"running {name} ...", flush=True)
         text = replace_section(text, name, run_section(name))
         BENCHMARKS.write_text(text)  # after each section, so a later failure keeps the earlier ones
-    print(f"wrote {BENCHMARKS}")
+    update_readme()
+    print(f"wrote {BENCHMARKS} (and the results block of {README.name})")
 
 
 if __name__ == "__main__":
