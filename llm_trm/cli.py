@@ -88,7 +88,7 @@ class LLMTRMCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            kwargs["weights_only"] = True  # Lightning would unpickle a URL checkpoint (weights_only=False)
+            kwargs["weights_only"] = True  # otherwise Lightning unpickles a URL checkpoint (weights_only off)
         return kwargs
 
     def _parse_ckpt_path(self) -> None:
