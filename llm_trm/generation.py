@@ -69,12 +69,15 @@ GREEDY = Decoding()
 
 @dataclass(frozen=True)
 class ThinkingBudget:
-    """Think, then answer, in one generation: at most `max_thinking_tokens` of thinking (then the
-    closing tag `close_ids` is forced), then at most `max_answer_tokens` of answer."""
+    """Think, then answer, in one generation: at most `max_thinking_tokens` of thinking (then the closing
+    suffix `close_ids` is forced), then at most `max_answer_tokens` of answer. After a closing tag the model
+    wrote itself, `after_tag_ids` (the suffix's newline) is forced unless the model wrote it too, so the
+    answer starts after the same suffix in every row (`thinking.close_suffix_ids` / `after_tag_ids`)."""
 
     max_thinking_tokens: int
     close_ids: Sequence[int]
     max_answer_tokens: int
+    after_tag_ids: Sequence[int] = ()
 
     @property
     def max_new_tokens(self) -> int:
@@ -146,7 +149,7 @@ class _AnswerWatcher:
         self.end_ids = sorted(end_ids)
         self.answer_start: list[int | None] = [None if think else 0] * batch
         self.closed = [False] * batch
-        self.forced = [0] * batch  # closing-tag tokens forced so far
+        self.pending: list[list[int] | None] = [None] * batch  # suffix tokens still to force (None: thinking)
         self.answer_times: list[float | None] = [None] * batch
         self.first_token_time: float | None = None
         self.first_logits: list[Tensor | None] = [None] * batch
@@ -171,27 +174,34 @@ class _AnswerWatcher:
         return scores
 
     def _thinking_step(self, input_ids: Tensor, scores: Tensor, generated: int) -> Tensor:
-        close = list(self.think.close_ids)
         for row in range(input_ids.shape[0]):
             if self.answer_start[row] is not None:
                 continue
-            if self.forced[row] == len(close) or (self.forced[row] == 0 and self._closed_itself(input_ids[row])):
-                self.closed[row] = self.forced[row] == 0
-                self.answer_start[row] = generated
-                continue
-            wants_to_end = bool(self.end_ids) and int(scores[row].argmax()) in self.end_ids
-            if self.forced[row] or generated >= self.think.max_thinking_tokens or wants_to_end:
-                forced = close[self.forced[row]]
+            if self.pending[row] is None:  # thinking: did it end, or must it end?
+                tail = self._after_own_tag(input_ids[row])
+                wants_to_end = bool(self.end_ids) and int(scores[row].argmax()) in self.end_ids
+                if tail is not None:
+                    self.closed[row] = True
+                    self.pending[row] = [] if tail.startswith("\n") else list(self.think.after_tag_ids)
+                elif generated >= self.think.max_thinking_tokens or wants_to_end:
+                    self.pending[row] = list(self.think.close_ids)
+            pending = self.pending[row]
+            if pending is None:
+                if self.end_ids:
+                    scores[row, self.end_ids] = float("-inf")  # a turn does not end inside the thinking
+            elif pending:
+                forced = pending.pop(0)
                 scores[row] = torch.full_like(scores[row], float("-inf"))
                 scores[row, forced] = 0.0
-                self.forced[row] += 1
-            elif self.end_ids:
-                scores[row, self.end_ids] = float("-inf")  # a turn does not end inside the thinking
+            else:  # the suffix is complete: this token is the answer's first
+                self.answer_start[row] = generated
         return scores
 
-    def _closed_itself(self, row_ids: Tensor) -> bool:
+    def _after_own_tag(self, row_ids: Tensor) -> str | None:
+        """The text after a closing tag among the row's newest tokens, None when there is none."""
         start = max(self.prompt_width, row_ids.shape[0] - self.window)
-        return THINK_CLOSE in self.tokenizer.decode(row_ids[start:], skip_special_tokens=False)
+        tail = self.tokenizer.decode(row_ids[start:], skip_special_tokens=False)
+        return tail.rsplit(THINK_CLOSE, 1)[1] if THINK_CLOSE in tail else None
 
     # ---- stopping criterion: after each token
 

@@ -67,7 +67,7 @@ from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, 
 from llm_trm.models.adapter import LatentAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
-from llm_trm.thinking import THINK_CLOSE, cut_at_end, end_of_turn_ids
+from llm_trm.thinking import after_tag_ids, close_suffix_ids, cut_at_end, end_of_turn_ids
 
 __all__ = ["MODES", "LATENT_MODES", "ORACLE_MODES", "THINKING_MODES", "AnswerResult", "LatentInputs",
            "LatentReasoner", "Thought", "derangement", "wilson_interval"]
@@ -321,7 +321,7 @@ class LatentReasoner:
 
     @property
     def close_ids(self) -> list[int]:
-        return self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+        return close_suffix_ids(self.tokenizer)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -367,7 +367,7 @@ class LatentReasoner:
                     capture: bool) -> list[AnswerResult]:
         start = self._now()
         prompts = self._batch(batch)
-        budget = ThinkingBudget(max_thinking_tokens, self.close_ids, max_new_tokens)
+        budget = ThinkingBudget(max_thinking_tokens, self.close_ids, max_new_tokens, after_tag_ids(self.tokenizer))
         generated = self._generate(input_ids=prompts.input_ids, attention_mask=prompts.mask, think=budget,
                                    capture_first_logits=capture)
         end = self._now()
@@ -434,7 +434,7 @@ class LatentReasoner:
         if missing:
             prompts = self._batch(missing)
             # one answer token: the step after the closing tag is where a row's thinking is known to end
-            budget = ThinkingBudget(max_thinking_tokens, self.close_ids, 1)
+            budget = ThinkingBudget(max_thinking_tokens, self.close_ids, 1, after_tag_ids(self.tokenizer))
             generated = self._generate(input_ids=prompts.input_ids, attention_mask=prompts.mask, think=budget)
             for row, item in enumerate(missing):
                 self._remember(item, max_thinking_tokens, generated, row)

@@ -13,6 +13,21 @@ from typing import Any
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# What stands between the thinking and the answer in every mode: the closing tag and the newline chat
+# templates write after it (SmolLM3's own blocks, the worked examples of our prompt). The state at its last
+# token is the end-of-thinking state datagen stores (it predicts the answer's first token), and the answer's
+# first token - the one the CoT-fidelity metrics compare - comes right after it in every mode.
+CLOSE_SUFFIX = THINK_CLOSE + "\n"
+
+
+def close_suffix_ids(tokenizer: Any) -> list[int]:
+    """`CLOSE_SUFFIX` as token ids (what datagen appends to the thinking, and the latent modes after the soft vectors)."""
+    return tokenizer.encode(CLOSE_SUFFIX, add_special_tokens=False)
+
+
+def after_tag_ids(tokenizer: Any) -> list[int]:
+    """What completes the suffix after a closing tag the model wrote itself (the newline)."""
+    return tokenizer.encode(CLOSE_SUFFIX[len(THINK_CLOSE):], add_special_tokens=False)
 
 
 def opening_tag_end(tokenizer: Any, prompt_text: str, prompt_ids: Sequence[int]) -> int:

@@ -68,7 +68,7 @@ def write_thinking_shards(directory: Path, backbone_dir: Path, count: int, promp
         for index in range(count):
             prompt = encode("<|im_start|>") + pick(prompt_tokens - index % 3) + encode("<think>")
             thinking = pick(thinking_tokens - index % 4)  # lengths differ: padding must not matter
-            ids = prompt + thinking + encode("</think>")
+            ids = prompt + thinking + encode("</think>\n")  # the closing suffix datagen writes
             answer: list[int] = []
             for _ in range(answer_tokens):
                 answer.append(int(model(input_ids=torch.tensor([ids + answer])).logits[0, -1].argmax()))

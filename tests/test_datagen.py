@@ -35,6 +35,7 @@ from llm_trm.modules.datagen import (
     progress_postfix,
     write_tensorboard,
 )
+from llm_trm.thinking import close_suffix_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,8 +120,11 @@ def test_pairs_have_the_documented_shapes_and_positions(tiny_backbone_dir, math_
         ids = record["token_ids"]
         assert pair.pre.shape == (record["pre_length"], 64) and pair.post.shape == (64,)
         assert ids[record["pre_length"] - 1] == open_id  # pre ends with the opening tag
-        assert record["post_position"] == len(ids) - 1 and ids[-1] == close_id
-        assert len(ids) == record["pre_length"] + 1 + record["num_thinking_tokens"] + 1  # "\n" after <think>
+        # ... and the thinking ends with the closing suffix "</think>\n": post is its last token
+        assert record["post_position"] == len(ids) - 1 and ids[-2:] == close_suffix_ids(tokenizer)
+        assert ids[-2] == close_id
+        # the "\n" after <think>, the thinking, the closing suffix
+        assert len(ids) == record["pre_length"] + 1 + record["num_thinking_tokens"] + len(close_suffix_ids(tokenizer))
         # a separate, unpadded forward pass gives the same states
         states = recompute(tiny_backbone_dir, ids)
         torch.testing.assert_close(pair.post, states[record["post_position"]], atol=1e-4, rtol=1e-4)
@@ -157,7 +161,8 @@ def test_early_stop_per_sequence_and_forced_close(tiny_backbone_dir, math_jsonl,
     assert forced["closed_thinking"] is False and forced["num_thinking_tokens"] <= 8
     assert module.stats.forced_closes == 1 and module.stats.generated == 2
     for pair in batch.pairs:  # both end with exactly one canonical closing tag
-        assert pair.record["token_ids"][-1] == close_id and pair.record["token_ids"].count(close_id) == 1
+        ids = pair.record["token_ids"]
+        assert ids[-2:] == close_suffix_ids(module.tokenizer) and ids.count(close_id) == 1
         states = recompute(tiny_backbone_dir, pair.record["token_ids"])
         torch.testing.assert_close(pair.post, states[-1], atol=1e-4, rtol=1e-4)
 

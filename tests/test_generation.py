@@ -58,16 +58,18 @@ def test_a_row_that_does_not_close_its_thinking_gets_the_tag_forced_then_answers
     assert [ids[0] for ids in (out.answer_ids(0), out.answer_ids(1))] == logits[:, -1].argmax(-1).tolist()
 
 
-def watcher(close: list[int], end_ids: set[int], budget: int = 2, capture: bool = True) -> _AnswerWatcher:
-    class Tok:  # decodes ids as letters; token 9 is the closing tag
+def watcher(close: list[int], end_ids: set[int], budget: int = 2, capture: bool = True,
+            after_tag: tuple[int, ...] = ()) -> _AnswerWatcher:
+    class Tok:  # decodes ids as letters; token 9 is the closing tag, token 7 a newline
         def decode(self, ids, skip_special_tokens=False):
-            return "".join(THINK_CLOSE if int(i) == 9 else chr(97 + int(i)) for i in ids)
+            return "".join({9: THINK_CLOSE, 7: "\n"}.get(int(i), chr(97 + int(i))) for i in ids)
 
         def encode(self, text, add_special_tokens=False):
             return [9]
 
     return _AnswerWatcher(Tok(), prompt_width=1, batch=1, end_ids=end_ids, sync=lambda: None,
-                          think=ThinkingBudget(budget, close, max_answer_tokens=2), capture=capture)
+                          think=ThinkingBudget(budget, close, max_answer_tokens=2, after_tag_ids=after_tag),
+                          capture=capture)
 
 
 def step(w: _AnswerWatcher, ids: list[int], best: int, vocab: int = 10) -> torch.Tensor:
@@ -85,6 +87,17 @@ def test_the_watcher_sees_a_closing_tag_the_model_wrote_itself():
     assert w.answer_start == [2] and w.closed == [True]
     assert torch.equal(w.first_logits[0], scores[0])
     assert w.stop(torch.tensor([[0, 1, 9, 3, 4]]), None).tolist() == [True]  # 2 answer tokens: the budget
+
+
+def test_after_its_own_tag_the_suffix_newline_is_forced_unless_the_model_wrote_it():
+    w = watcher(close=[9, 7], end_ids={8}, budget=5, after_tag=(7,))
+    scores = step(w, [0, 1, 9], best=3)  # the model closed the tag itself, without the newline
+    assert scores[0].argmax() == 7 and torch.isinf(scores[0, 3]) and w.answer_start == [None]
+    step(w, [0, 1, 9, 7], best=3)
+    assert w.answer_start == [3] and w.closed == [True]  # the answer starts after "</think>\n", as in every mode
+    w = watcher(close=[9, 7], end_ids={8}, budget=5, after_tag=(7,))
+    step(w, [0, 1, 9, 7], best=3)  # tag and newline written by the model: nothing forced
+    assert w.answer_start == [3] and w.closed == [True]
 
 
 def test_the_watcher_forces_the_tag_at_the_budget_and_when_the_model_wants_to_end():

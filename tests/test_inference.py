@@ -540,4 +540,5 @@ def test_use_adapter_swaps_the_way_in_and_keeps_the_remembered_thinking(backbone
     assert isinstance(reasoner.adapter, ConceptAdapter) and reasoner.parts.adapter is reasoner.adapter
     after = reasoner.latent_inputs(problems).inputs_embeds
     assert not torch.allclose(before, after)  # the soft vector changed, the prompt part did not
-    assert torch.equal(before[:, :-2], after[:, :-2]) and reasoner.remembered_thinking == thoughts
+    soft = -1 - len(reasoner.close_ids)  # [prompt][soft vector][closing suffix]
+    assert torch.equal(before[:, :soft], after[:, :soft]) and reasoner.remembered_thinking == thoughts

@@ -68,7 +68,7 @@ from llm_trm.models.adapter import BridgeAdapter, ConceptAdapter, LatentAdapter
 from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, schedule_length, warmup_cosine
 from llm_trm.modules.export import sample_ids_fingerprint
 from llm_trm.modules.grpo import step_seed
-from llm_trm.thinking import THINK_CLOSE
+from llm_trm.thinking import CLOSE_SUFFIX, close_suffix_ids
 
 RECORD_FIELDS = ("token_ids", "answer_ids")  # what the batches must carry (data.record_fields)
 MODE_METRICS = ("first_token_kl", "top1_agreement", "answer_nll", "answer_kl")
@@ -95,7 +95,7 @@ def sample_layout(record: dict[str, Any], num_thinking_tokens: int, close_ids: l
     prompt_length = len(ids) - num_thinking_tokens - len(close_ids)
     if prompt_length < 1 or ids[len(ids) - len(close_ids):] != close_ids:
         raise DataError(
-            f"the record of {sample_id} does not end with this tokenizer's closing tag {THINK_CLOSE!r} "
+            f"the record of {sample_id} does not end with this tokenizer's closing tag {CLOSE_SUFFIX!r} "
             f"({close_ids}): the shards were made with another backbone; use that backbone, or generate them again"
         )
     answer = list(record["answer_ids"])
@@ -420,7 +420,7 @@ class BridgeModule(FrozenBackboneMixin, L.LightningModule):
 
     @property
     def close_ids(self) -> list[int]:
-        return self.llm.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+        return close_suffix_ids(self.llm.tokenizer)
 
     def samples(self, batch: dict[str, Any]) -> list[Sample]:
         records = batch.get("records")

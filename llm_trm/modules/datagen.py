@@ -8,13 +8,14 @@ Per batch of problems, `DatagenModule.predict_step`:
    closing tag (or EOS, or max_new_tokens);
 3. cuts each generation at the closing tag, or closes the thinking itself when the
    model did not (the record says which), always ending with the canonical tag tokens;
-4. runs ONE right-padded extraction forward pass over prompt + thinking + closing tag:
+4. runs ONE right-padded extraction forward pass over prompt + thinking + the closing suffix
+   `</think>\n` (thinking.CLOSE_SUFFIX, what every mode puts between thinking and answer):
    hidden_pre = states of the prompt up to and including the opening tag [L_i, D],
-   hidden_post = state at the closing tag's last token [D] (the state from which the
+   hidden_post = state at the closing suffix's last token [D] (the state from which the
    first answer token is predicted). Right padding gives every real token the same
    positions as an unpadded pass, so a stored state can be recomputed from the
    record's token ids alone;
-5. generates the answer after the closing tag and checks it against the gold answer.
+5. generates the answer after the closing suffix and checks it against the gold answer.
 
 `HiddenPairWriter` writes the results into resumable shards (one writer per DDP rank)
 and `DatagenProgressBar` shows samples/s and thinking tokens/s.
@@ -51,13 +52,14 @@ from llm_trm.eval.answers import check_answer
 from llm_trm.generation import CACHE_IMPLEMENTATIONS, GREEDY, Decoding, generate
 from llm_trm.latent import Prompt, encode_prompt, extraction_pass
 from llm_trm.modules.common import FrozenBackboneMixin
-from llm_trm.thinking import THINK_CLOSE, split_at_close
+from llm_trm.thinking import THINK_CLOSE, close_suffix_ids, split_at_close
 
 log = logging.getLogger(__name__)
 
 POSITIONS_CONVENTION = (
     "pre = token_ids[:pre_length] (prompt up to and including the opening think tag); "
-    "post = token_ids[post_position] (last token of the closing think tag); right-padded extraction pass"
+    "post = token_ids[post_position] (last token of the closing suffix '</think>\\n', from which the answer's "
+    "first token is predicted); right-padded extraction pass"
 )
 
 
@@ -71,7 +73,7 @@ class HiddenPair:
     pre: Tensor  # [pre_length, D]
     post: Tensor  # [D]
     record: dict[str, Any]
-    post_states: Tensor | None = None  # [m, D], the last m states ending at the closing tag (m > 1 only)
+    post_states: Tensor | None = None  # [m, D], the last m states ending at the closing suffix (m > 1 only)
 
     @property
     def num_thinking_tokens(self) -> int:
@@ -174,7 +176,7 @@ class _Thought:
     closed: bool
 
     def extraction_ids(self, close_ids: list[int]) -> list[int]:
-        """prompt + thinking + the canonical closing tag: what the extraction pass reads."""
+        """prompt + thinking + the canonical closing suffix: what the extraction pass reads."""
         return self.prompt.ids + self.thinking_ids + close_ids
 
 
@@ -190,7 +192,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
         max_new_tokens: thinking budget per problem (seed flag `--max_new_tokens`).
         max_answer_tokens: answer budget after the closing tag (0: no answer, correct is null).
         num_post_states: m, the end-of-thinking states stored per sample: the last m positions up to and
-            including the closing tag's last token (1: only that state, the seed's target).
+            including the closing suffix's last token (1: only that state, the seed's target).
         do_sample: sample instead of greedy decoding (greedy by default).
         temperature: sampling temperature (only with do_sample).
         top_p: nucleus sampling mass (only with do_sample).
@@ -314,7 +316,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
 
     @property
     def _close_ids(self) -> list[int]:
-        return self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+        return close_suffix_ids(self.tokenizer)
 
     @property
     def decoding(self) -> Decoding:
@@ -344,7 +346,7 @@ class DatagenModule(FrozenBackboneMixin, L.LightningModule):
 
     def _extract(self, thoughts: list[_Thought]) -> tuple[list[Tensor], list[Tensor]]:
         """The one extraction pass (`latent.extraction_pass`): pre states [L_i, D] and the last m states
-        [m, D] ending at the closing tag's last token (the post state is the last of them)."""
+        [m, D] ending at the closing suffix's last token (the post state is the last of them)."""
         pre, post = extraction_pass(self.llm.model, [thought.extraction_ids(self._close_ids) for thought in thoughts],
                                     [thought.prompt.pre_length for thought in thoughts], self.layer,
                                     self.hparams.num_post_states, self.tokenizer.pad_token_id, self.device)

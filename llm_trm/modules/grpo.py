@@ -64,7 +64,7 @@ from llm_trm.modules.common import FrozenBackboneMixin, NonFiniteGuard, manual_u
 from llm_trm.rl.objective import (clipped_policy_loss, equal_reward_share, gaussian_kl, gaussian_log_prob,
                                   group_advantages)
 from llm_trm.rl.rewards import CheckerError, Completion, resolve_rewards
-from llm_trm.thinking import THINK_CLOSE, end_of_turn_ids
+from llm_trm.thinking import close_suffix_ids, end_of_turn_ids
 
 GRPO_CHECKPOINT_KEY = "grpo_state"
 PARTS = ("trm", "compressor", "adapter")
@@ -331,7 +331,7 @@ class GRPOModule(FrozenBackboneMixin, L.LightningModule):
 
     @property
     def close_ids(self) -> list[int]:
-        return self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+        return close_suffix_ids(self.tokenizer)
 
     def prompt(self, problems: Sequence[Problem]) -> Prompted:
         """One prompt pass: the thinking prompts, their pre states and (when reused) their KV cache."""
