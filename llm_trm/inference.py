@@ -41,10 +41,22 @@ keeps the modes, batching, timing and results. Times are per problem, from the s
 batch it ran in to its first answer token and to the batch's end. With `capture_logits=True`
 each result also carries the first answer token's logits (`first_token_logits`, fp32, not
 serialised): the CoT-fidelity metrics (`llm_trm.eval.fidelity`) compare them between modes.
+
+With `reference=` (`cot`'s results on the same problems) each batch, once it is answered and
+outside its timed span, also scores `cot`'s own answer a_1..a_T under the mode, teacher-forced:
+per problem, the mean over t of KL(p_cot(. | cot context, a_<t) || p_mode(. | mode context, a_<t))
+(`answer_kl_to_cot`) and the mean NLL of a_t under the mode (`cot_answer_nll`). The cot context is
+`[prompt][cot's remembered thinking]</think>\n`; the mode's is what it handed the LLM before its
+answer: `no_think` its prompt, the latent and oracle modes `[prompt][soft vectors]</think>\n` as
+built for the answer (on the same prompt KV cache, rewound). Both distributions are computed in
+the same batch and dropped after the KL. `trm_first_token` is not scored: its first answer token
+does not come from the LLM's distribution. In `cot`, `reference="own"` scores the answers it has
+just written (KL 0 by definition; their NLL under cot is the floor of the other modes').
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -55,21 +67,22 @@ import torch
 from torch import Tensor
 
 from llm_trm.backbone import Backbone, load_backbone
+from llm_trm.batching import pad_token_ids, position_ids
 from llm_trm.data.problems import Problem
 from llm_trm.errors import ConfigMismatchError, LLMTRMError
 from llm_trm.eval.answers import check_answer, extract_code, extract_math_answer
-from llm_trm.eval.fidelity import wilson_interval
+from llm_trm.eval.fidelity import answer_kl, answer_nll, wilson_interval
 from llm_trm.generation import Generated, ThinkingBudget, generate
 from llm_trm.hub import load_compressor
-from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, check_state_count, describe,
+from llm_trm.latent import (LatentParts, Prompt, PromptBatch, check_compressor, check_state_count, describe, embed,
                             encode_prompt, extraction_pass, load_adapter, load_compressor_and_trm, load_part,
-                            pre_states, predict, prompt_pass, soft_inputs, soft_vectors)
+                            pre_states, predict, prompt_pass, rewind_cache, soft_inputs, soft_vectors)
 from llm_trm.models.adapter import LatentAdapter
 from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
 from llm_trm.thinking import after_tag_ids, close_suffix_ids, cut_at_end, end_of_turn_ids
 
-__all__ = ["MODES", "LATENT_MODES", "ORACLE_MODES", "THINKING_MODES", "AnswerResult", "LatentInputs",
+__all__ = ["MODES", "LATENT_MODES", "ORACLE_MODES", "THINKING_MODES", "UNSCORED_MODES", "AnswerResult", "LatentInputs",
            "LatentReasoner", "Thought", "derangement", "wilson_interval"]
 
 MODES = ("cot", "no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled")
@@ -78,6 +91,7 @@ ORACLE_MODES = ("oracle", "oracle_full", "shuffled")  # the LLM's own end-of-thi
 THINKING_MODES = ("cot", *ORACLE_MODES)  # the modes in which the LLM thinks (max_thinking_tokens >= 1)
 COMPRESSOR_MODES = (*LATENT_MODES, "oracle", "shuffled")
 Mode = Literal["cot", "no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled"]
+UNSCORED_MODES = ("trm_first_token",)  # no teacher-forced answer KL: the first answer token is lm_head's, not the LLM's
 
 
 # --------------------------------------------------------------------------- results
@@ -99,6 +113,11 @@ class AnswerResult:
     first_answer_token / first_token_logits: with `answer(..., capture_logits=True)`, the first
     answer token's id (the logits' argmax) and logits [V] (fp32, CPU; None when the row wrote
     no answer); the logits are a side channel, left out of `to_dict`.
+    answer_ids: the generated answer ids (after the closing suffix, cut at the end of the turn);
+    a side channel too: `cot`'s are what the other modes are scored on.
+    answer_kl_to_cot / cot_answer_nll: with `answer(..., reference=cot_results)`, the mean
+    KL(cot || mode) per answer token, teacher-forced on cot's answer, and the mean NLL per token of
+    cot's answer under this mode (nats; None where cot wrote no answer or the mode is not scored).
     kl_to_cot, answer_agrees_with_cot, first_token_agrees_with_cot: filled by `llm-trm evaluate`.
     """
 
@@ -124,15 +143,23 @@ class AnswerResult:
     kl_to_cot: float | None = None
     answer_agrees_with_cot: bool | None = None
     first_token_agrees_with_cot: bool | None = None
+    answer_kl_to_cot: float | None = None
+    cot_answer_nll: float | None = None
     first_token_logits: Tensor | None = field(default=None, repr=False, compare=False)
+    answer_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def generated_tokens(self) -> int:
         return self.thinking_tokens + self.answer_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field but the logits (plain values: JSON, CSV)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "first_token_logits"}
+        """Every field but the side channels (logits, answer ids): plain values for JSON and CSV."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SIDE_CHANNELS}
+
+
+_SIDE_CHANNELS = ("first_token_logits", "answer_ids")
+# what `answer(reference=...)` scores a mode's answer distributions against: cot's results, or (cot) its own
+Reference = Sequence[AnswerResult] | Literal["own"] | None
 
 
 @dataclass(frozen=True)
@@ -186,6 +213,25 @@ class LatentInputs:
     pre: Tensor | None = None  # [B, L, D] the prompt states the TRM read (as datagen stores them)
     pre_mask: Tensor | None = None
     first_logits: Tensor | None = None  # [B, V] trm_first_token: lm_head on the predicted state
+    prompts: PromptBatch | None = None  # the left-padded prompts the cache holds (W = their width)
+
+    def after_prompt(self) -> _Context:
+        """What follows the cached prompt, `[soft vectors]</think>\n`, on the prompt's cache rewound to it
+        (the answer's generation extended it): the mode's context for teacher forcing."""
+        width = self.prompts.input_ids.shape[1]
+        rewind_cache(self.cache, width)
+        return _Context(self.prompts.mask, self.cache, self.inputs_embeds[:, width:], self.attention_mask[:, width:])
+
+
+@dataclass
+class _Context:
+    """What the LLM is given before an answer: a left-padded prefix held in a KV cache (none: width 0) and the
+    input embeddings after it [B, S, E] (S >= 1; their last position predicts the answer's first token)."""
+
+    prefix_mask: Tensor  # [B, W]
+    cache: Any
+    inputs_embeds: Tensor  # [B, S, E]
+    mask: Tensor  # [B, S]
 
 
 # --------------------------------------------------------------------------- the reasoner
@@ -354,17 +400,23 @@ class LatentReasoner:
 
     # ---- the modes -----------------------------------------------------------------------
 
-    def _answer_no_think(self, batch: list[_Item], max_new_tokens: int, capture: bool) -> list[AnswerResult]:
+    def _answer_no_think(self, batch: list[_Item], max_new_tokens: int, max_thinking_tokens: int, capture: bool,
+                         reference: Reference) -> list[AnswerResult]:
         start = self._now()
         prompts = self._batch(batch)
         generated = self._generate(input_ids=prompts.input_ids, attention_mask=prompts.mask,
                                    max_new_tokens=max_new_tokens, capture_first_logits=capture)
         end = self._now()
-        return [self._result(item, "no_think", generated, row, start, end, generated.first_logits)
-                for row, item in enumerate(batch)]
+        results = [self._result(item, "no_think", generated, row, start, end, generated.first_logits)
+                   for row, item in enumerate(batch)]
+        if reference is not None:
+            cot = self._cot_context([self._thinking_item(item, "no_think") for item in batch], max_thinking_tokens)
+            self._score_answers(results, self._reference_answers(batch, reference, results, max_new_tokens), cot,
+                                self._prompt_context(prompts))
+        return results
 
     def _answer_cot(self, batch: list[_Item], max_new_tokens: int, max_thinking_tokens: int,
-                    capture: bool) -> list[AnswerResult]:
+                    capture: bool, reference: Reference) -> list[AnswerResult]:
         start = self._now()
         prompts = self._batch(batch)
         budget = ThinkingBudget(max_thinking_tokens, self.close_ids, max_new_tokens, after_tag_ids(self.tokenizer))
@@ -378,10 +430,14 @@ class LatentReasoner:
             result.thinking_tokens, result.thinking_text = len(thought.ids), self.decode(thought.ids)
             result.closed_thinking = thought.closed
             results.append(result)
+        if reference is not None:  # the mode's context is cot's own: the same one, run twice
+            context = self._cot_context(batch, max_thinking_tokens)
+            self._score_answers(results, self._reference_answers(batch, reference, results, max_new_tokens), context,
+                                context)
         return results
 
     def _answer_latent(self, batch: list[_Item], mode: str, max_new_tokens: int, max_thinking_tokens: int,
-                       n_supervision_steps: int | None, capture: bool) -> list[AnswerResult]:
+                       n_supervision_steps: int | None, capture: bool, reference: Reference) -> list[AnswerResult]:
         sources, thoughts = batch, None
         if mode in ORACLE_MODES:  # the true state exists first: thinking and extraction are not timed
             sources = [item.partner or item for item in batch] if mode == "shuffled" else batch
@@ -414,7 +470,99 @@ class LatentReasoner:
                 result.thinking_tokens, result.closed_thinking = len(thoughts[row].ids), thoughts[row].closed
                 result.state_source = sources[row].problem.sample_id
             results.append(result)
+        if reference is not None and mode not in UNSCORED_MODES:  # both on the prompt's cache, rewound
+            mine = latent.after_prompt()
+            cot = self._cot_context(batch, max_thinking_tokens, latent.prompts, latent.cache)
+            self._score_answers(results, self._reference_answers(batch, reference, results, max_new_tokens), cot, mine)
         return results
+
+    # ---- cot's answer under a mode, teacher-forced -----------------------------------------
+
+    def _thinking_item(self, item: _Item, mode: str) -> _Item:
+        """The item with the thinking prompt cot answered from (no_think's items hold the one without thinking)."""
+        if mode != "no_think":
+            return item
+        return _Item(item.position, encode_prompt(self.tokenizer, item.problem, thinking=True))
+
+    def _cot_thought(self, item: _Item, max_thinking_tokens: int) -> Thought | None:
+        return self.remembered_thinking.get((tuple(item.prompt.ids), max_thinking_tokens))
+
+    def _cot_context(self, items: list[_Item], max_thinking_tokens: int, prompts: PromptBatch | None = None,
+                     cache: Any = None) -> _Context:
+        """cot's context before its answer, `[prompt][its remembered thinking]</think>\n`: the thinking and the
+        suffix (left-padded, so every row's suffix ends in the last column) after the prompts' KV cache, given
+        (`prompts`, `cache`) or from a new prompt pass."""
+        if prompts is None:
+            prompts = self._batch(items)
+            _, cache = prompt_pass(self.model, prompts.input_ids, prompts.mask, self.layer)
+        thoughts = [self._cot_thought(item, max_thinking_tokens) for item in items]
+        # no thinking remembered: cot did not answer that problem, and its row has no answer to score
+        tails = [list(thought.ids if thought is not None else ()) + self.close_ids for thought in thoughts]
+        ids, mask = pad_token_ids(tails, self.tokenizer.pad_token_id, self.device, side="left")
+        return _Context(prompts.mask, cache, embed(self.model, ids), mask)
+
+    def _prompt_context(self, prompts: PromptBatch) -> _Context:
+        """A prompt that ends where the answer starts (no_think's), whole: no cached prefix."""
+        return _Context(prompts.mask[:, :0], None, embed(self.model, prompts.input_ids), prompts.mask)
+
+    @staticmethod
+    def _reference_answers(batch: list[_Item], reference: Reference, own: list[AnswerResult],
+                           max_new_tokens: int) -> list[list[int]]:
+        """cot's answer ids for each item (none where cot failed), at most `max_new_tokens`."""
+        rows = own if reference == "own" else [reference[item.position] for item in batch]
+        return [list(row.answer_ids)[:max_new_tokens] if row.error is None else [] for row in rows]
+
+    def _answer_log_probs(self, context: _Context, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
+        """log p(a_t | context, a_<t) for t = 1..T: [B, T, V] fp32, teacher-forced on right-padded answers [B, T].
+
+        The context's last position predicts a_1, a_t predicts a_t+1; padding is masked out and skipped by the
+        position ids, so each row sees what an unpadded pass sees. The cache is rewound to its prefix after."""
+        width = context.prefix_mask.shape[1]
+        answer_in = embed(self.model, answer_ids[:, :-1]).to(context.inputs_embeds.dtype)
+        mask = torch.cat([context.prefix_mask, context.mask, answer_mask[:, :-1]], dim=1)
+        out = self.model(inputs_embeds=torch.cat([context.inputs_embeds, answer_in], dim=1), attention_mask=mask,
+                         position_ids=position_ids(mask)[:, width:], cache=context.cache,
+                         use_cache=context.cache is not None, logits_to_keep=answer_ids.shape[1])
+        if context.cache is not None:
+            rewind_cache(context.cache, width)
+        return out.logits.float().log_softmax(dim=-1)
+
+    def _score_answers(self, results: list[AnswerResult], answers: list[list[int]], cot: _Context,
+                       mode: _Context) -> None:
+        """Each result's `answer_kl_to_cot` and `cot_answer_nll`: cot's answers teacher-forced after cot's context
+        and after the mode's, in one batch; the [B, T, V] distributions are dropped once scored."""
+        if not any(answers):
+            return
+        ids, mask = pad_token_ids(answers, self.tokenizer.pad_token_id, self.device, side="right")
+        reference = self._answer_log_probs(cot, ids, mask)
+        mine = self._answer_log_probs(mode, ids, mask)
+        kl, nll = answer_kl(reference, mine, mask).tolist(), answer_nll(mine, ids, mask).tolist()
+        del reference, mine
+        for result, row_kl, row_nll in zip(results, kl, nll, strict=True):
+            result.answer_kl_to_cot = None if math.isnan(row_kl) else row_kl
+            result.cot_answer_nll = None if math.isnan(row_nll) else row_nll
+
+    def _check_reference(self, reference: Reference, problems: Sequence[Problem], mode: str, items: list[_Item],
+                         max_thinking_tokens: int) -> None:
+        """cot's results fit these problems, and cot's thinking on each problem it answered is remembered."""
+        if isinstance(reference, str):
+            if reference != "own" or mode != "cot":
+                raise LLMTRMError(f"reference={reference!r} in mode {mode}: only mode cot takes 'own' (its own answers); "
+                                  "the other modes take cot's results on the same problems.")
+            return
+        if [row.sample_id for row in reference] != [problem.sample_id for problem in problems]:
+            raise LLMTRMError(f"reference= holds results for {len(reference)} problems that are not these {len(problems)} "
+                              "in this order: pass cot's results on the very problems being answered.")
+        if mode == "cot" or mode in UNSCORED_MODES:  # cot remembers its own thinking as it answers
+            return
+        for item in items:
+            row = reference[item.position]
+            if row.error is None and row.answer_ids and self._cot_thought(self._thinking_item(item, mode),
+                                                                          max_thinking_tokens) is None:
+                raise LLMTRMError(
+                    f"cot's thinking on {row.sample_id} (max_thinking_tokens={max_thinking_tokens}) is not remembered "
+                    "here: score against cot results from this reasoner (or one sharing its remembered_thinking), "
+                    "run with the same max_thinking_tokens.")
 
     # ---- the LLM's own thinking (oracle modes) ------------------------------------------
 
@@ -493,7 +641,7 @@ class LatentReasoner:
         tail = self.model.get_input_embeddings()(token)[:, None, :] if token is not None else None
         embeds, mask = soft_inputs(self.model, prompts, soft, self.close_ids, tail=tail)
         return LatentInputs(embeds, mask, cache, output, predicted, token, overhead, self._now(), pre, pre_mask,
-                            logits)
+                            logits, prompts)
 
     @torch.no_grad()
     def state_inputs(self, batch: list[_Item] | Sequence[Problem], states: Tensor, compress: bool = True) -> LatentInputs:
@@ -513,7 +661,7 @@ class LatentReasoner:
             soft = self.adapter(state)
         overhead = self._now() - started
         embeds, mask = soft_inputs(self.model, prompts, soft, self.close_ids)
-        return LatentInputs(embeds, mask, cache, None, state, None, overhead, self._now())
+        return LatentInputs(embeds, mask, cache, None, state, None, overhead, self._now(), prompts=prompts)
 
     @torch.no_grad()
     def first_answer_logits(self, problems: Sequence[Problem], mode: Mode = "trm",
@@ -546,6 +694,7 @@ class LatentReasoner:
             correct=correct,
             checker_error=checker_error,
             answer_tokens=len(answer_ids),
+            answer_ids=tuple(answer_ids),
             time_to_first_answer_token_s=(answered_at if answered_at is not None else end) - start,
             total_time_s=end - start,
         )
@@ -585,12 +734,13 @@ class LatentReasoner:
                               f"{max_thinking_tokens}: raise it or drop the mode.")
 
     def _answer_batch(self, batch: list[_Item], mode: str, max_new_tokens: int, max_thinking_tokens: int,
-                      n_supervision_steps: int | None, capture: bool) -> list[AnswerResult]:
+                      n_supervision_steps: int | None, capture: bool, reference: Reference) -> list[AnswerResult]:
         if mode == "cot":
-            return self._answer_cot(batch, max_new_tokens, max_thinking_tokens, capture)
+            return self._answer_cot(batch, max_new_tokens, max_thinking_tokens, capture, reference)
         if mode == "no_think":
-            return self._answer_no_think(batch, max_new_tokens, capture)
-        return self._answer_latent(batch, mode, max_new_tokens, max_thinking_tokens, n_supervision_steps, capture)
+            return self._answer_no_think(batch, max_new_tokens, max_thinking_tokens, capture, reference)
+        return self._answer_latent(batch, mode, max_new_tokens, max_thinking_tokens, n_supervision_steps, capture,
+                                   reference)
 
     @torch.no_grad()
     def answer(
@@ -605,6 +755,7 @@ class LatentReasoner:
         progress: Callable[[int], None] | None = None,
         capture_logits: bool = False,
         shuffle_seed: int = 0,
+        reference: Reference = None,
     ) -> list[AnswerResult]:
         """Answer `problems` in `mode`; one AnswerResult per problem, in order.
 
@@ -615,12 +766,18 @@ class LatentReasoner:
         error (`crashed`) instead of raising. `progress(n)` is called after each n problems.
         capture_logits: keep each result's first-answer-token logits (`first_token_logits`).
         shuffle_seed: the derangement that pairs problems in `shuffled` (over the problems that fit).
+        reference: `cot`'s results on these problems (same order, from this reasoner or one sharing its
+        `remembered_thinking`, with the same max_thinking_tokens): score cot's answers under this mode
+        (`answer_kl_to_cot`, `cot_answer_nll`; see the module docstring); in mode cot, "own" scores the
+        answers it writes. Not timed; `trm_first_token` is not scored.
         """
         self.check_mode(mode, max_thinking_tokens)
         if batch_size < 1 or max_new_tokens < 1 or max_thinking_tokens < 0:
             raise ValueError("batch_size and max_new_tokens must be >= 1 and max_thinking_tokens >= 0.")
         reserve = self._reserve(mode, max_new_tokens, max_thinking_tokens)
         items, errors = self._prepare(problems, thinking=mode != "no_think", reserve=reserve)
+        if reference is not None:
+            self._check_reference(reference, problems, mode, items, max_thinking_tokens)
         if mode == "shuffled":
             if len(items) < 2:
                 raise LLMTRMError(f"`shuffled` gives each problem another problem's state: it needs at least 2 "
@@ -635,7 +792,7 @@ class LatentReasoner:
         for begin in range(0, len(items), batch_size):
             batch = items[begin : begin + batch_size]
             run = lambda chunk: self._answer_batch(chunk, mode, max_new_tokens, max_thinking_tokens,  # noqa: E731
-                                                   n_supervision_steps, capture_logits)
+                                                   n_supervision_steps, capture_logits, reference)
             for item, result in zip(batch, self._run_guarded(batch, mode, run, on_error)):
                 results[item.position] = result
             if progress:

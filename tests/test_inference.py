@@ -542,3 +542,142 @@ def test_use_adapter_swaps_the_way_in_and_keeps_the_remembered_thinking(backbone
     assert not torch.allclose(before, after)  # the soft vector changed, the prompt part did not
     soft = -1 - len(reasoner.close_ids)  # [prompt][soft vector][closing suffix]
     assert torch.equal(before[:, :soft], after[:, :soft]) and reasoner.remembered_thinking == thoughts
+
+
+# ------------------------------------------------------------------------------ cot's answer under a mode
+
+
+def cot_context_ids(reasoner, problem: Problem, budget: int) -> list[int]:
+    """What cot answered from: prompt + its remembered thinking + the closing suffix."""
+    prompt = encode_prompt(reasoner.tokenizer, problem).ids
+    return prompt + list(reasoner.remembered_thinking[(tuple(prompt), budget)].ids) + reasoner.close_ids
+
+
+def forced_log_probs(reasoner, context_embeds: torch.Tensor, answer: list[int]) -> torch.Tensor:
+    """One unpadded, uncached pass over [context][answer]: log p(a_t | context, a_<t), [T, V]."""
+    with torch.no_grad():
+        answer_embeds = reasoner.model.get_input_embeddings()(torch.tensor(answer[:-1], dtype=torch.long))
+        logits = reasoner.model(inputs_embeds=torch.cat([context_embeds, answer_embeds])[None]).logits[0]
+    return logits[context_embeds.shape[0] - 1:].float().log_softmax(-1)
+
+
+def ids_log_probs(reasoner, context_ids: list[int], answer: list[int]) -> torch.Tensor:
+    return forced_log_probs(reasoner, reasoner.model.get_input_embeddings()(torch.tensor(context_ids)), answer)
+
+
+def hand_kl_and_nll(cot: torch.Tensor, mode: torch.Tensor, answer: list[int]) -> tuple[float, float]:
+    kl = (cot.exp() * (cot - mode)).sum(-1).mean()
+    nll = -mode[torch.arange(len(answer)), torch.tensor(answer)].mean()
+    return float(kl), float(nll)
+
+
+def shortened(rows: list[AnswerResult], row: int, length: int) -> list[AnswerResult]:
+    """cot's results with one answer cut short: rows of different answer lengths in one batch."""
+    from dataclasses import replace
+
+    return [replace(r, answer_ids=r.answer_ids[:length]) if i == row else r for i, r in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def precise(tiny_backbone_dir):
+    """The tiny backbone in float64: its next-token distributions are nearly flat (answer KLs of 1e-5 to 1e-4),
+    so a hand computation can tell a right context from a wrong one only without fp32 noise in the passes
+    (the metrics themselves are fp32 on both sides)."""
+    backbone = load_backbone(str(tiny_backbone_dir), torch.float64)
+    return LatentReasoner(backbone, make_compressor(backbone), make_trm(backbone), device="cpu")
+
+
+def test_the_answer_kl_of_cot_against_itself_is_zero(reasoner):
+    problems = make_problems(2)
+    cot = reasoner.answer(problems, mode="cot", max_new_tokens=4, max_thinking_tokens=3, reference="own")
+    assert all(len(r.answer_ids) == r.answer_tokens > 0 for r in cot)
+    for problem, row in zip(problems, cot):
+        assert row.answer_kl_to_cot == pytest.approx(0.0, abs=1e-6)
+        own = ids_log_probs(reasoner, cot_context_ids(reasoner, problem, 3), list(row.answer_ids))
+        assert row.cot_answer_nll == pytest.approx(hand_kl_and_nll(own, own, list(row.answer_ids))[1], rel=1e-4)
+    # against an earlier cot run: its thinking is the same, so is its context
+    again = reasoner.answer(problems, mode="cot", max_new_tokens=4, max_thinking_tokens=3, reference=cot)
+    assert [r.answer_kl_to_cot for r in again] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert "answer_ids" not in cot[0].to_dict() and "answer_kl_to_cot" in cot[0].to_dict()
+
+
+def test_no_think_answer_kl_is_two_unpadded_passes_by_hand(precise):
+    reasoner = precise
+    problems = make_problems(2)
+    tokenizer = reasoner.tokenizer
+    assert len({len(encode_prompt(tokenizer, p, thinking=False).ids) for p in problems}) == 2  # padding is exercised
+    cot = shortened(reasoner.answer(problems, mode="cot", max_new_tokens=4, max_thinking_tokens=3), 1, 2)
+    rows = reasoner.answer(problems, mode="no_think", max_new_tokens=4, max_thinking_tokens=3, batch_size=2,
+                           reference=cot)
+    for problem, reference, row in zip(problems, cot, rows):
+        answer = list(reference.answer_ids)
+        mine = ids_log_probs(reasoner, encode_prompt(tokenizer, problem, thinking=False).ids, answer)
+        context = cot_context_ids(reasoner, problem, 3)
+        kl, nll = hand_kl_and_nll(ids_log_probs(reasoner, context, answer), mine, answer)
+        assert row.answer_kl_to_cot == pytest.approx(kl, rel=1e-4)
+        assert row.cot_answer_nll == pytest.approx(nll, rel=1e-5)
+        # the test can tell: cot's context without its suffix's last token gives another KL
+        assert hand_kl_and_nll(ids_log_probs(reasoner, context[:-1], answer), mine, answer)[0] != pytest.approx(kl, rel=0.1)
+
+
+def test_trm_answer_kl_is_a_hand_computation_through_soft_inputs(precise):
+    reasoner = precise
+    from llm_trm.latent import PromptBatch, pre_states, predict, prompt_pass, soft_inputs, soft_vectors
+
+    problems = make_problems(2)
+    cot = shortened(reasoner.answer(problems, mode="cot", max_new_tokens=4, max_thinking_tokens=3), 0, 3)
+    rows = reasoner.answer(problems, mode="trm", max_new_tokens=4, max_thinking_tokens=3, batch_size=2,
+                           reference=cot)
+    model, tokenizer = reasoner.model, reasoner.tokenizer
+    for problem, reference, row in zip(problems, cot, rows):
+        answer = list(reference.answer_ids)
+        with torch.no_grad():  # one problem alone: [prompt][soft vector]</think>\n, no padding, no cache
+            alone = PromptBatch.of([encode_prompt(tokenizer, problem)], tokenizer.pad_token_id)
+            states, _ = prompt_pass(model, alone.input_ids, alone.mask, use_cache=False)
+            prediction = predict(reasoner.compressor, reasoner.trm, *pre_states(states, alone.mask, alone.pre_lengths))
+            _, soft = soft_vectors(reasoner.compressor, reasoner.adapter, prediction.prediction)
+            embeds, _ = soft_inputs(model, alone, soft, reasoner.close_ids)
+        mine = forced_log_probs(reasoner, embeds[0], answer)
+        theirs = ids_log_probs(reasoner, cot_context_ids(reasoner, problem, 3), answer)
+        kl, nll = hand_kl_and_nll(theirs, mine, answer)
+        assert row.answer_kl_to_cot == pytest.approx(kl, rel=1e-4)
+        assert row.cot_answer_nll == pytest.approx(nll, rel=1e-5)
+        # the test can tell: the soft vector left out ([prompt]</think>\n) gives another NLL and KL
+        close = len(reasoner.close_ids)
+        without = forced_log_probs(reasoner, torch.cat([embeds[0, : -close - 1], embeds[0, -close:]]), answer)
+        wrong_kl, wrong_nll = hand_kl_and_nll(theirs, without, answer)
+        assert wrong_kl != pytest.approx(kl, rel=0.1) and wrong_nll != pytest.approx(nll, rel=1e-4)
+
+
+def test_every_scored_mode_fills_the_answer_kl_and_trm_first_token_is_left_out(reasoner):
+    problems = distinct_problems(3)
+    cot = reasoner.answer(problems, mode="cot", max_new_tokens=3, max_thinking_tokens=3)
+    kl = {}
+    for mode in ("no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled"):
+        rows = reasoner.answer(problems, mode=mode, max_new_tokens=3, max_thinking_tokens=3, batch_size=2,
+                               reference=cot)
+        kl[mode] = [r.answer_kl_to_cot for r in rows]
+        nll = [r.cot_answer_nll for r in rows]
+        if mode == "trm_first_token":
+            assert kl[mode] == [None] * 3 and nll == [None] * 3
+        else:
+            assert all(v is not None and v >= 0 for v in kl[mode]) and all(v is not None and v > 0 for v in nll)
+    assert kl["oracle"] != kl["shuffled"]  # another problem's state is another context
+    # without a reference nothing is scored
+    plain = reasoner.answer(problems, mode="trm", max_new_tokens=3)
+    assert [r.answer_kl_to_cot for r in plain] == [None] * 3 and plain[0].answer_ids
+
+
+def test_a_reference_that_does_not_fit_is_a_one_line_error(reasoner, backbone):
+    problems = make_problems(2)
+    cot = reasoner.answer(problems, mode="cot", max_new_tokens=2, max_thinking_tokens=3)
+    with pytest.raises(LLMTRMError, match="not these 2 in this order"):
+        reasoner.answer(problems, mode="no_think", max_new_tokens=2, reference=cot[::-1])
+    with pytest.raises(LLMTRMError, match="only mode cot takes 'own'"):
+        reasoner.answer(problems, mode="trm", max_new_tokens=2, reference="own")
+    # cot's thinking under another budget, or on another reasoner, is not what cot answered from
+    with pytest.raises(LLMTRMError, match="max_thinking_tokens=5\\) is not remembered"):
+        reasoner.answer(problems, mode="no_think", max_new_tokens=2, max_thinking_tokens=5, reference=cot)
+    with pytest.raises(LLMTRMError, match="is not remembered"):
+        LatentReasoner(backbone, device="cpu").answer(problems, mode="no_think", max_new_tokens=2,
+                                                      max_thinking_tokens=3, reference=cot)

@@ -4,6 +4,11 @@ Pure functions on per-problem values (no model, no files), used by `llm-trm eval
 
 - `first_token_kl`: KL(cot || mode) of the first answer token's distribution, per problem,
   in fp32 with the natural log; a row where either side wrote no answer (NaN logits) is NaN;
+- `answer_kl` / `answer_nll`: teacher-forced on cot's own answer a_1..a_T, the mean over its T
+  positions of KL(p_cot(. | cot context, a_<t) || p_mode(. | mode context, a_<t)), and the mean
+  NLL of cot's answer tokens under the mode, per problem (NaN where cot wrote no answer). The
+  first answer token is the same in every mode of a templated answer ("The answer is ..."), so
+  the first-token metrics cannot see the answer's content move; these can;
 - `answers_agree`: whether two final answers (extracted, normalised) are the same;
 - `proportion`: a share of yes/no values with its 95% Wilson interval (agreement, accuracy);
 - `bootstrap_mean`: a mean with its 95% percentile-bootstrap interval over problems (KL);
@@ -30,8 +35,8 @@ from torch import Tensor
 
 from llm_trm.eval.answers import normalize_math
 
-__all__ = ["Estimate", "Z95", "wilson_interval", "proportion", "first_token_kl", "answers_agree",
-           "bootstrap_mean", "share_recovered", "BOOTSTRAP_RESAMPLES"]
+__all__ = ["Estimate", "Z95", "wilson_interval", "proportion", "first_token_kl", "answer_kl", "answer_nll",
+           "answers_agree", "bootstrap_mean", "share_recovered", "BOOTSTRAP_RESAMPLES"]
 
 Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
 BOOTSTRAP_RESAMPLES = 2000
@@ -96,13 +101,54 @@ def first_token_kl(reference_logits: Tensor, logits: Tensor) -> Tensor:
     """
     if reference_logits.shape != logits.shape:
         raise ValueError(f"logits of different shapes: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
-    log_p = torch.log_softmax(reference_logits.float(), dim=-1)
-    log_q = torch.log_softmax(logits.float(), dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    kl = terms.sum(dim=-1)
+    kl = _kl(torch.log_softmax(reference_logits.float(), dim=-1), torch.log_softmax(logits.float(), dim=-1))
     missing = reference_logits.isnan().any(dim=-1) | logits.isnan().any(dim=-1)
     return kl.masked_fill(missing, math.nan)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last dimension from log-probabilities (0 log 0 = 0)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- the whole answer, teacher-forced
+
+
+def _position_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per row, the mean of `values` [N, T] over its unmasked positions; NaN for a row with none."""
+    counts = mask.sum(dim=-1)
+    # where, not a product: padding positions hold whatever the model gave them (inf x 0 would be NaN)
+    means = torch.where(mask, values, torch.zeros_like(values)).sum(dim=-1) / counts.clamp_min(1)
+    return means.masked_fill(counts == 0, math.nan)
+
+
+def _check_positions(reference: Tensor, other: Tensor, mask: Tensor) -> None:
+    if reference.shape != other.shape or reference.shape[:-1] != mask.shape:
+        raise ValueError(f"log-probabilities {tuple(reference.shape)} and {tuple(other.shape)} do not fit the answer "
+                         f"mask {tuple(mask.shape)}: both need [N, T, V] over the same N x T answer positions")
+
+
+def answer_kl(reference_log_probs: Tensor, log_probs: Tensor, mask: Tensor) -> Tensor:
+    """Per row, the mean over its answer positions of KL(reference || other), in nats (fp32).
+
+    reference_log_probs, log_probs: [N, T, V] log-probabilities of the next token at each of T answer
+    positions (position t predicts answer token t, teacher-forced on the same answer in both);
+    mask [N, T]: the row's real answer positions. A row without any is NaN.
+    """
+    _check_positions(reference_log_probs, log_probs, mask)
+    kl = _kl(reference_log_probs.float(), log_probs.float())
+    return _position_mean(kl, mask.bool())
+
+
+def answer_nll(log_probs: Tensor, answer_ids: Tensor, mask: Tensor) -> Tensor:
+    """Per row, the mean negative log-likelihood per answer token (nats) of `answer_ids` [N, T] under
+    `log_probs` [N, T, V] (position t predicts token t); mask [N, T]; a row without answer tokens is NaN."""
+    _check_positions(log_probs, log_probs, mask)
+    if answer_ids.shape != mask.shape:
+        raise ValueError(f"answer ids {tuple(answer_ids.shape)} do not fit the mask {tuple(mask.shape)}")
+    nll = -log_probs.float().gather(-1, answer_ids[..., None].long())[..., 0]
+    return _position_mean(nll, mask.bool())
 
 
 # --------------------------------------------------------------------------- final answers
