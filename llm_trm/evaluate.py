@@ -18,9 +18,12 @@ results.csv, accuracy_vs_tokens.png and fidelity_ladder.png; logged to TensorBoa
 - CoT fidelity (`llm_trm.eval.fidelity`), which works when accuracy is 0 everywhere:
   agreement of the final answer and of the first answer token with `cot`'s (Wilson),
   KL(cot || mode) of the first answer token's distribution (rows where a mode wrote no
-  answer are left out and counted), and the share of CoT's effect recovered,
-  `(mode - no_think) / (cot - no_think)`, for accuracy, both agreements and KL (paired
-  bootstrap over problems, seeded).
+  answer are left out and counted), the answer KL (cot's own answer teacher-forced under cot's
+  context and under the mode's, KL(cot || mode) averaged over its tokens: the content-bearing
+  one, since a templated answer starts with the same token in every mode) with the answer's NLL
+  under the mode, and the share of CoT's effect recovered, `(mode - no_think) / (cot - no_think)`,
+  for accuracy, both agreements and both KLs (paired bootstrap over problems, seeded; cot's KLs
+  are 0). `trm_first_token` gets no answer KL (its first token is lm_head's, not the LLM's).
 
 Timing is steady state: every mode answers one small batch, discarded, before any timed run,
 so one-time costs are not paid by whichever mode runs first; `cot` is one continuous
@@ -240,6 +243,14 @@ class ModeSummary:
     kl_ci_high: float | None = None
     kl_rows: int = 0
     kl_missing: int = 0  # problems where cot answered and this mode wrote no answer: left out of the KL
+    # cot's answer teacher-forced after cot's context and after this mode's (None for trm_first_token)
+    answer_kl: float | None = None  # mean over problems of the mean KL(cot || mode) per answer token, nats
+    answer_kl_ci_low: float | None = None
+    answer_kl_ci_high: float | None = None
+    answer_kl_rows: int = 0
+    answer_nll: float | None = None  # mean over problems of the NLL per token of cot's answer under this mode
+    answer_nll_ci_low: float | None = None
+    answer_nll_ci_high: float | None = None
     # share of CoT's effect recovered: (mode - no_think) / (cot - no_think); None when cot = no_think
     share_accuracy: float | None = None
     share_accuracy_ci_low: float | None = None
@@ -253,6 +264,9 @@ class ModeSummary:
     share_kl: float | None = None
     share_kl_ci_low: float | None = None
     share_kl_ci_high: float | None = None
+    share_answer_kl: float | None = None  # (answer KL of no_think - this mode's) / (no_think's - 0)
+    share_answer_kl_ci_low: float | None = None
+    share_answer_kl_ci_high: float | None = None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -335,8 +349,8 @@ def _agreement_values(rows: Sequence[AnswerResult], name: str) -> list[float]:
     return [math.nan if getattr(r, name) is None else float(getattr(r, name)) for r in rows]
 
 
-def _kl_values(rows: Sequence[AnswerResult]) -> list[float]:
-    return [math.nan if r.kl_to_cot is None else r.kl_to_cot for r in rows]
+def _float_values(rows: Sequence[AnswerResult], name: str) -> list[float]:
+    return [math.nan if getattr(r, name) is None else float(getattr(r, name)) for r in rows]
 
 
 def _set(summary: ModeSummary, name: str, estimate: Estimate, low: str | None = None, high: str | None = None) -> None:
@@ -357,8 +371,12 @@ def add_fidelity(summaries: Sequence[ModeSummary], results: dict[str, list[Answe
     values = {mode: {"accuracy": _correct_values(rows),
                      "answer_agreement": _agreement_values(rows, "answer_agrees_with_cot"),
                      "first_token_agreement": _agreement_values(rows, "first_token_agrees_with_cot"),
-                     "kl": _kl_values(rows)} for mode, rows in results.items()}
+                     "kl": _float_values(rows, "kl_to_cot"),
+                     "answer_kl": _float_values(rows, "answer_kl_to_cot"),
+                     "answer_nll": _float_values(rows, "cot_answer_nll")} for mode, rows in results.items()}
     cot, baseline = values["cot"], values.get("no_think")
+    # cot's answer KL to itself is 0 by definition (computed, it is 0 up to rounding): the share's reference
+    cot = {**cot, "answer_kl": [0.0] * len(cot["answer_kl"])}
     cot_has_kl = [not math.isnan(v) for v in cot["kl"]]
     for summary in summaries:
         mine = values[summary.mode]
@@ -372,10 +390,15 @@ def add_fidelity(summaries: Sequence[ModeSummary], results: dict[str, list[Answe
         _set(summary, "kl_to_cot", kl, "kl_ci_low", "kl_ci_high")
         summary.kl_rows = kl.rows
         summary.kl_missing = sum(1 for has, v in zip(cot_has_kl, mine["kl"]) if has and math.isnan(v))
+        answer_kl = bootstrap_mean(mine["answer_kl"], resamples, seed)
+        _set(summary, "answer_kl", answer_kl)
+        summary.answer_kl_rows = answer_kl.rows
+        _set(summary, "answer_nll", bootstrap_mean(mine["answer_nll"], resamples, seed))
         if baseline is None:
             continue
         for name, share in (("accuracy", "share_accuracy"), ("answer_agreement", "share_answer_agreement"),
-                            ("first_token_agreement", "share_first_token_agreement"), ("kl", "share_kl")):
+                            ("first_token_agreement", "share_first_token_agreement"), ("kl", "share_kl"),
+                            ("answer_kl", "share_answer_kl")):
             _set(summary, share, share_recovered(mine[name], baseline[name], cot[name], resamples, seed))
 
 
@@ -424,8 +447,9 @@ def render_fidelity_table(summaries: Sequence[ModeSummary], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("mode", "answer = cot's", "1st token = cot's", "KL(cot‖mode)", "no answer",
-                   "share: accuracy", "share: answer", "share: 1st token", "share: KL"):
+    for column in ("mode", "answer = cot's", "1st token = cot's", "KL(cot‖mode)", "no answer", "answer KL",
+                   "answer NLL", "share: accuracy", "share: answer", "share: 1st token", "share: KL",
+                   "share: answer KL"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for s in summaries:
         table.add_row(
@@ -434,11 +458,14 @@ def render_fidelity_table(summaries: Sequence[ModeSummary], title: str) -> Any:
             _fmt_interval(s.first_token_agreement, s.first_token_agreement_ci_low, s.first_token_agreement_ci_high),
             _fmt_interval(s.kl_to_cot, s.kl_ci_low, s.kl_ci_high, "{:.3g}"),
             str(s.kl_missing),
+            _fmt_interval(s.answer_kl, s.answer_kl_ci_low, s.answer_kl_ci_high, "{:.3g}"),
+            _fmt(s.answer_nll, "{:.3g}"),
             _fmt_interval(s.share_accuracy, s.share_accuracy_ci_low, s.share_accuracy_ci_high),
             _fmt_interval(s.share_answer_agreement, s.share_answer_agreement_ci_low, s.share_answer_agreement_ci_high),
             _fmt_interval(s.share_first_token_agreement, s.share_first_token_agreement_ci_low,
                           s.share_first_token_agreement_ci_high),
             _fmt_interval(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high),
+            _fmt_interval(s.share_answer_kl, s.share_answer_kl_ci_low, s.share_answer_kl_ci_high),
         )
     return table
 
@@ -475,13 +502,16 @@ def plot_accuracy_vs_tokens(summaries: Sequence[ModeSummary], path: Path | None 
 
 
 def plot_fidelity_ladder(summaries: Sequence[ModeSummary], path: Path | None = None) -> Any:
-    """The ladder of modes (no_think ... cot): KL(cot || mode) and the share of CoT's KL reduction recovered."""
+    """The ladder of modes (no_think ... cot): KL(cot || mode) of the first answer token and of the whole answer,
+    and the share of CoT's KL reduction recovered on each."""
     from llm_trm.eval.figures import fidelity_ladder
 
     ordered = sorted(summaries, key=lambda s: LADDER.index(s.mode) if s.mode in LADDER else len(LADDER))
     figure = fidelity_ladder([s.mode for s in ordered],
                              [(s.kl_to_cot, s.kl_ci_low, s.kl_ci_high) for s in ordered],
-                             [(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high) for s in ordered])
+                             [(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high) for s in ordered],
+                             [(s.answer_kl, s.answer_kl_ci_low, s.answer_kl_ci_high) for s in ordered],
+                             [(s.share_answer_kl, s.share_answer_kl_ci_low, s.share_answer_kl_ci_high) for s in ordered])
     if path is not None:
         figure.savefig(path, dpi=120)
     return figure
@@ -512,17 +542,21 @@ def markdown_table(summaries: Sequence[ModeSummary], notes: Sequence[str] = ()) 
         lines.append(f"| {s.mode} | {s.accuracy:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}] | {s.failed} | "
                      f"{s.checker_errors} | {s.mean_generated_tokens:.1f} | {s.mean_time_to_answer_s:.3f} | "
                      f"{s.mean_total_time_s:.3f} | {_fmt(s.speedup_vs_cot, '{:.1f}x')} |")
-    lines += ["", "| mode | answer = cot's | first token = cot's | KL(cot ‖ mode) | no answer | share: accuracy "
-              "| share: answer | share: first token | share: KL |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| mode | answer = cot's | first token = cot's | KL(cot ‖ mode) | no answer | answer KL "
+              "| answer NLL | share: accuracy | share: answer | share: first token | share: KL | share: answer KL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(
             f"| {s.mode} | {_fmt_interval(s.answer_agreement, s.answer_agreement_ci_low, s.answer_agreement_ci_high)} "
             f"| {_fmt_interval(s.first_token_agreement, s.first_token_agreement_ci_low, s.first_token_agreement_ci_high)} "
             f"| {_fmt_interval(s.kl_to_cot, s.kl_ci_low, s.kl_ci_high, '{:.3g}')} | {s.kl_missing} "
+            f"| {_fmt_interval(s.answer_kl, s.answer_kl_ci_low, s.answer_kl_ci_high, '{:.3g}')} "
+            f"| {_fmt(s.answer_nll, '{:.3g}')} "
             f"| {_fmt_interval(s.share_accuracy, s.share_accuracy_ci_low, s.share_accuracy_ci_high)} "
             f"| {_fmt_interval(s.share_answer_agreement, s.share_answer_agreement_ci_low, s.share_answer_agreement_ci_high)} "
             f"| {_fmt_interval(s.share_first_token_agreement, s.share_first_token_agreement_ci_low, s.share_first_token_agreement_ci_high)} "
-            f"| {_fmt_interval(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high)} |")
+            f"| {_fmt_interval(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high)} "
+            f"| {_fmt_interval(s.share_answer_kl, s.share_answer_kl_ci_low, s.share_answer_kl_ci_high)} |")
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 
 
@@ -587,6 +621,14 @@ def warm_up(reasoner: LatentReasoner, modes: Sequence[str], problems: Sequence[P
     return time.perf_counter() - started
 
 
+def cot_reference(mode: str, results: dict[str, list[AnswerResult]]) -> list[AnswerResult] | str | None:
+    """What a mode's answers are scored against (`LatentReasoner.answer(reference=...)`): cot's results, which
+    cot (run first) scores as its own; None without cot."""
+    if mode == "cot":
+        return "own"
+    return results.get("cot")
+
+
 def run_modes(reasoner: LatentReasoner, problems: Sequence[Problem], config: Namespace) -> dict[str, list[AnswerResult]]:
     """Every mode over the same problems (cot first), with a progress bar; a mode that crashes is recorded as
     failed on every problem. Each mode's rows are compared with cot's as soon as they exist. Returned in the
@@ -607,6 +649,7 @@ def run_modes(reasoner: LatentReasoner, problems: Sequence[Problem], config: Nam
                     progress=lambda n, task=task: progress.advance(task, n),
                     capture_logits=True,
                     shuffle_seed=config.shuffle_seed,
+                    reference=cot_reference(mode, results),
                 )
             except Exception as error:  # noqa: BLE001 - the report is written whatever happens
                 rows = failed_results(problems, mode, error)
@@ -642,6 +685,12 @@ def report_notes(config: Namespace, warmup_s: float | None) -> list[str]:
          "and no_think do not differ (nothing to recover); agreement intervals are Wilson 95%, KL and share "
          f"intervals a paired percentile bootstrap over problems ({config.bootstrap_resamples} resamples, seed "
          f"{config.bootstrap_seed}); 'no answer' counts problems left out of the KL because the mode wrote no answer."),
+        ("Answer KL: cot's own answer (at most max_new_tokens, cut at the end of the turn) teacher-forced after "
+         "cot's context ([prompt][its thinking]</think>\n) and after the mode's (no_think: its prompt; the latent "
+         "and oracle modes: [prompt][soft vectors]</think>\n), KL(cot || mode) averaged over the answer's tokens, "
+         "then over problems (nats); answer NLL: cot's answer tokens under the mode, per token. Unlike the first "
+         "answer token (the same word in every mode of a templated answer), it sees the answer's content move. "
+         "trm_first_token is not scored (its first token is lm_head's, not the LLM's)."),
     ]
     return notes
 

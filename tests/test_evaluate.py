@@ -198,6 +198,17 @@ def test_evaluate_command_writes_a_report_that_parses(tiny_backbone_dir, problem
         assert summary["kl_to_cot"] >= 0 and summary["kl_ci_low"] <= summary["kl_to_cot"] <= summary["kl_ci_high"]
     assert (summaries["cot"]["kl_to_cot"], summaries["cot"]["first_token_agreement"]) == (0.0, 1.0)
     assert summaries["cot"]["share_kl"] == 1.0 and summaries["no_think"]["share_kl"] == 0.0
+    # the answer KL: cot's answer teacher-forced; cot's own is 0, trm_first_token is not scored
+    assert summaries["cot"]["answer_kl"] == pytest.approx(0.0, abs=1e-6) and summaries["cot"]["answer_nll"] > 0
+    assert summaries["cot"]["share_answer_kl"] == pytest.approx(1.0) and summaries["no_think"]["share_answer_kl"] == 0.0
+    assert summaries["trm_first_token"]["answer_kl"] is None and summaries["trm_first_token"]["answer_kl_rows"] == 0
+    for mode in ("no_think", "trm", "oracle", "oracle_full", "shuffled"):
+        summary = summaries[mode]
+        assert summary["answer_kl_rows"] == 2 and summary["answer_kl"] > 0 and summary["answer_nll"] > 0
+        assert summary["answer_kl_ci_low"] <= summary["answer_kl"] <= summary["answer_kl_ci_high"]
+        rows = payload["results"][mode]
+        assert rows[1]["answer_kl_to_cot"] is None and all(rows[i]["answer_kl_to_cot"] > 0 for i in (0, 2))
+        assert "answer_ids" not in rows[0]
     assert summaries["oracle"]["speedup_vs_cot"] is None and summaries["trm"]["speedup_vs_cot"] is not None
     assert "does not fit the context" in payload["results"]["trm"][1]["error"]
     for mode in modes:
@@ -210,11 +221,14 @@ def test_evaluate_command_writes_a_report_that_parses(tiny_backbone_dir, problem
 
     scalars, images = tensorboard_tags(tmp_path / "report" / "tensorboard")
     assert {"eval/trm/kl_to_cot", "eval/oracle/share_kl", "eval/shuffled/first_token_agreement",
-            "eval/cot/accuracy"} <= scalars
+            "eval/cot/accuracy", "eval/trm/answer_kl", "eval/oracle/share_answer_kl", "eval/no_think/answer_nll"} <= scalars
     assert {"eval/fidelity_ladder", "eval/accuracy_vs_tokens"} <= images
     printed = capsys.readouterr().out
     assert "speed-up vs cot" in printed and "trm_first_token" in printed and "CoT fidelity" in printed
     assert "checker errors" in printed and "one continuous generation" in printed
+    assert "answer NLL" in printed and "Answer KL: cot's own answer" in printed
+    with open(tmp_path / "report" / SUMMARY_CSV) as handle:
+        assert {"answer_kl", "answer_nll", "share_answer_kl", "share_answer_kl_ci_low"} <= set(next(csv.DictReader(handle)))
 
 
 # ------------------------------------------------------------------------------ modes, failures, warm-up
@@ -357,6 +371,59 @@ def test_fidelity_summary_matches_hand_values_when_accuracy_is_zero_everywhere()
     assert all(s.accuracy == 0.0 and s.share_accuracy is None and s.share_accuracy_ci_low is None for s in summaries)
     table = markdown_table(summaries)
     assert "| trm | 0.50 [0.15, 0.85] |" in table and "| 0.55 [" in table  # answer agreement, mean KL
+
+
+def test_answer_kl_summary_and_its_share_match_hand_values():
+    # per problem, the mean KL(cot || mode) per answer token; None: cot wrote no answer (row 3), or not scored
+    answer_kl = {"cot": [0.0, 0.0, 0.0, None], "no_think": [2.0, 4.0, 6.0, None], "trm": [1.0, 2.0, 3.0, None],
+                 "trm_first_token": [None] * 4}
+    nll = {"cot": [0.5, 0.7, 0.9, None], "no_think": [3.0, 3.0, 3.0, None], "trm": [1.0, 2.0, 6.0, None],
+           "trm_first_token": [None] * 4}
+    results = {mode: [result(mode, i, correct=False, kl_to_cot=0.1, answer_kl_to_cot=answer_kl[mode][i],
+                             cot_answer_nll=nll[mode][i]) for i in range(4)] for mode in answer_kl}
+    summaries = [summarize(mode, rows) for mode, rows in results.items()]
+    add_fidelity(summaries, results, resamples=400, seed=0)
+    cot, no_think, trm, first_token = summaries
+
+    assert (trm.answer_kl, trm.answer_kl_rows) == (pytest.approx(2.0), 3) and trm.answer_nll == pytest.approx(3.0)
+    assert trm.answer_kl_ci_low < 2.0 < trm.answer_kl_ci_high and 1.0 <= trm.answer_kl_ci_low
+    assert trm.answer_kl_ci_high <= 3.0  # a mean of resampled values in [1, 3]
+    assert (no_think.answer_nll, no_think.answer_nll_ci_low, no_think.answer_nll_ci_high) == (3.0, 3.0, 3.0)
+    # (KL_no_think - KL_trm) / (KL_no_think - 0) = (4 - 2) / 4; trm's KL is half no_think's on every problem, so
+    # every resample gives 1/2 too: the interval is [0.5, 0.5]
+    assert (trm.share_answer_kl, trm.share_answer_kl_ci_low, trm.share_answer_kl_ci_high) == pytest.approx((0.5,) * 3)
+    assert (cot.share_answer_kl, no_think.share_answer_kl) == (1.0, 0.0)
+    assert first_token.answer_kl is None and first_token.share_answer_kl is None and first_token.answer_kl_rows == 0
+    # the share's reference is 0 by definition, whatever cot's own computed value (0 up to rounding)
+    results["cot"] = [result("cot", i, correct=False, kl_to_cot=0.0, answer_kl_to_cot=None) for i in range(4)]
+    again = [summarize(mode, rows) for mode, rows in results.items()]
+    add_fidelity(again, results, resamples=400, seed=0)
+    assert again[2].share_answer_kl == pytest.approx(0.5) and again[0].answer_kl is None
+    table = markdown_table(summaries)
+    assert "answer KL | answer NLL |" in table and "share: answer KL |" in table
+    assert "| trm | - | - | 0.1 [0.1, 0.1] | 0 | 2 [1, 3] | 3 |" in table  # answer KL [95% CI], answer NLL
+    assert table.splitlines()[-1].endswith("| - |")  # trm_first_token: no answer KL share
+
+
+def test_the_ladder_figure_shows_the_answer_kl_share_beside_the_first_token_one():
+    from llm_trm.evaluate import plot_fidelity_ladder
+
+    summaries = [summarize(mode, [result(mode, 0, correct=False)]) for mode in ("cot", "no_think", "trm")]
+    for s, (kl, share, answer, answer_share) in zip(summaries, [(0.0, 1.0, 0.0, 1.0), (0.05, 0.0, 0.8, 0.0),
+                                                                (0.01, 0.8, 0.6, 0.25)]):
+        s.kl_to_cot, s.share_kl, s.answer_kl, s.share_answer_kl = kl, share, answer, answer_share
+    figure = plot_fidelity_ladder(summaries)
+    left, right = figure.axes
+    labels = right.get_legend_handles_labels()[1]
+    assert labels == ["first answer token", "whole answer (teacher-forced)"]
+
+    def points(axes):  # (x, y) of every point drawn
+        return sorted((round(float(line.get_xdata()[0]), 6), round(float(line.get_ydata()[0]), 6))
+                      for line in axes.lines if len(line.get_xdata()) == 1)
+
+    # the ladder order is no_think, trm, cot; the answer-level series sits just right of the first-token one
+    assert points(right) == [(-0.12, 0.0), (0.12, 0.0), (0.88, 0.8), (1.12, 0.25), (1.88, 1.0), (2.12, 1.0)]
+    assert points(left) == [(-0.12, 0.05), (0.12, 0.8), (0.88, 0.01), (1.12, 0.6), (1.88, 0.0), (2.12, 0.0)]
 
 
 def test_without_cot_there_is_no_fidelity_and_without_no_think_no_share():

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llm_trm.eval.fidelity import (Estimate, answers_agree, bootstrap_mean, first_token_kl, proportion,
-                                   share_recovered, wilson_interval)
+from llm_trm.eval.fidelity import (Estimate, answer_kl, answer_nll, answers_agree, bootstrap_mean, first_token_kl,
+                                   proportion, share_recovered, wilson_interval)
 
 NAN = math.nan
 
@@ -48,6 +48,60 @@ def test_rows_without_an_answer_stay_nan_and_shapes_must_match():
     assert all(math.isnan(v) for v in first_token_kl(cot, mode).tolist())
     with pytest.raises(ValueError, match="different shapes"):
         first_token_kl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ------------------------------------------------------------------------------ the whole answer, teacher-forced
+
+
+def log_probs_of(*rows: list[tuple[float, ...]]) -> torch.Tensor:
+    """[N, T, V] log-probabilities from per-position distributions."""
+    return torch.stack([torch.stack([logits_of(*p) - 3.0 for p in positions]) for positions in rows])
+
+
+def test_answer_kl_averages_the_kl_over_each_row_s_answer_positions():
+    cot = log_probs_of([(0.5, 0.5), (0.9, 0.1)], [(1.0, 0.0), (0.5, 0.5)])
+    mode = log_probs_of([(0.25, 0.75), (0.9, 0.1)], [(0.5, 0.5), (0.0, 1.0)])  # row 1, position 2 is padding
+    mask = torch.tensor([[1, 1], [1, 0]])
+    kl = answer_kl(cot, mode, mask)
+    # row 0: (0.5 ln(4/3) + 0) / 2; row 1: ln 2 at its one position (the padding's infinite KL is left out)
+    assert kl.tolist() == pytest.approx([0.25 * math.log(4 / 3), math.log(2)], rel=1e-6)
+    assert kl.dtype == torch.float32
+
+
+def test_answer_kl_is_zero_against_itself_infinite_where_the_mode_rules_out_cot_s_token_nan_without_an_answer():
+    cot = log_probs_of([(0.2, 0.8), (0.6, 0.4)], [(0.5, 0.5), (0.5, 0.5)])
+    mask = torch.tensor([[1, 1], [0, 0]])
+    same = answer_kl(cot, cot, mask).tolist()
+    assert same[0] == 0.0 and math.isnan(same[1])
+    ruled_out = log_probs_of([(0.2, 0.8), (0.0, 1.0)], [(0.5, 0.5), (0.5, 0.5)])
+    assert answer_kl(cot, ruled_out, mask).tolist()[0] == math.inf
+
+
+def test_answer_nll_is_the_mean_nll_per_answer_token():
+    mode = log_probs_of([(0.25, 0.75), (0.9, 0.1), (0.5, 0.5)], [(0.2, 0.8), (0.0, 1.0), (0.0, 1.0)])
+    ids = torch.tensor([[1, 0, 1], [0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # row 1's padding holds a token the mode rules out
+    nll = answer_nll(mode, ids, mask)
+    assert nll.tolist() == pytest.approx([-(math.log(0.75) + math.log(0.9) + math.log(0.5)) / 3, -math.log(0.2)])
+    assert math.isnan(answer_nll(mode, ids, torch.zeros_like(mask)).tolist()[0])
+
+
+def test_answer_metrics_check_their_shapes():
+    cot = torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match="do not fit the answer mask"):
+        answer_kl(cot, torch.zeros(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="do not fit the answer mask"):
+        answer_kl(cot, cot, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="do not fit the mask"):
+        answer_nll(cot, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3))
+
+
+def test_the_answer_kl_share_has_cot_s_zero_as_its_reference():
+    # share = (KL_no_think - KL_mode) / (KL_no_think - 0): (4 - 1.5) / 4 on these three problems
+    share = share_recovered([1.0, 1.5, 2.0], [2.0, 4.0, 6.0], [0.0, 0.0, 0.0], resamples=300, seed=1)
+    assert share.value == pytest.approx(1 - 1.5 / 4) and share.rows == 3
+    # each resample's share is 1 - mean(mode) / mean(no_think): between the problems' extremes 1 - 1/2 and 1 - 2/6
+    assert 1 - 1 / 2 <= share.low <= share.value <= share.high <= 1 - 2 / 6
 
 
 # ------------------------------------------------------------------------------ final answers

@@ -115,29 +115,42 @@ def log_figure(trainer, tag: str, make: Callable[[], Figure]) -> None:
 Interval = tuple[float | None, float | None, float | None]  # (value, low, high); None: undefined
 
 
-def _interval_points(axes, positions: Sequence[int], intervals: Sequence[Interval], color: str) -> None:
+def _interval_points(axes, positions: Sequence[float], intervals: Sequence[Interval], color: str,
+                     label: str | None = None) -> None:
     """Points with error bars; an undefined value is written as n/a, an undefined interval drawn without bars."""
     for position, (value, low, high) in zip(positions, intervals):
         if value is None:
             axes.annotate("n/a", (position, 0), ha="center", va="bottom", fontsize=8, color="grey")
             continue
         error = None if low is None or high is None else [[value - low], [high - value]]
-        axes.errorbar(position, value, yerr=error, fmt="o", capsize=4, color=color)
+        axes.errorbar(position, value, yerr=error, fmt="o", capsize=4, color=color, label=label)
+        label = None  # one legend entry per series
 
 
-def fidelity_ladder(modes: Sequence[str], kl: Sequence[Interval], share_kl: Sequence[Interval]) -> Figure:
+def fidelity_ladder(modes: Sequence[str], kl: Sequence[Interval], share_kl: Sequence[Interval],
+                    answer_kl: Sequence[Interval] | None = None,
+                    share_answer_kl: Sequence[Interval] | None = None) -> Figure:
     """The ladder of modes (no thinking ... the LLM's own thinking) on CoT fidelity, 95% intervals as error bars.
 
-    Left: KL(cot || mode) of the first answer token (0 at cot). Right: the share of CoT's KL reduction
-    the mode recovers, (mode - no_think) / (cot - no_think): 0 at no_think, 1 at cot (dashed).
+    Left: KL(cot || mode) of the first answer token, and (given `answer_kl`) averaged over cot's whole answer,
+    teacher-forced (0 at cot). Right: the share of CoT's KL reduction the mode recovers on each,
+    (mode - no_think) / (cot - no_think): 0 at no_think, 1 at cot (dashed). The answer-level series sits
+    beside the first-token one: a templated answer's first token is the same in every mode, its content is not.
     """
     positions = list(range(len(modes)))
+    both = answer_kl is not None or share_answer_kl is not None
+    offset = 0.12 if both else 0.0
+    first_at, answer_at = [p - offset for p in positions], [p + offset for p in positions]
     figure = Figure(figsize=(max(6.0, 1.4 * len(modes) + 2), 3.6), layout="constrained")
     left, right = figure.subplots(1, 2)
-    _interval_points(left, positions, kl, "C0")
-    left.set_ylabel("KL(cot ‖ mode), first answer token (nats)")
+    _interval_points(left, first_at, kl, "C0", "first answer token" if both else None)
+    _interval_points(right, first_at, share_kl, "C1", "first answer token" if both else None)
+    if answer_kl is not None:
+        _interval_points(left, answer_at, answer_kl, "C2", "whole answer (teacher-forced)")
+    if share_answer_kl is not None:
+        _interval_points(right, answer_at, share_answer_kl, "C3", "whole answer (teacher-forced)")
+    left.set_ylabel("KL(cot ‖ mode) per answer token (nats)" if both else "KL(cot ‖ mode), first answer token (nats)")
     left.set_ylim(bottom=0)
-    _interval_points(right, positions, share_kl, "C1")
     for level in (0.0, 1.0):
         right.axhline(level, color="k", linestyle="--", linewidth=0.8)
     right.set_ylabel("share of CoT's KL reduction recovered")
@@ -145,5 +158,7 @@ def fidelity_ladder(modes: Sequence[str], kl: Sequence[Interval], share_kl: Sequ
         axes.set_xticks(positions, list(modes), rotation=30, ha="right")
         axes.set_xlim(-0.5, len(modes) - 0.5)
         axes.grid(alpha=0.3)
+        if both and axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best", fontsize=8)
     figure.suptitle("CoT fidelity: the ladder of modes (95% intervals)")
     return figure
