@@ -426,6 +426,67 @@ def test_the_ladder_figure_shows_the_answer_kl_share_beside_the_first_token_one(
     assert points(left) == [(-0.12, 0.05), (0.12, 0.8), (0.88, 0.01), (1.12, 0.6), (1.88, 0.0), (2.12, 0.0)]
 
 
+def ladder_summaries(**shares) -> list:
+    """cot, no_think and the study's labelled rungs, with hand-set answer KLs and shares (name: (first, answer))."""
+    summaries = [summarize(mode, [result(mode, 0, correct=False)]) for mode in shares]
+    for s in summaries:
+        (s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high), (s.share_answer_kl, s.share_answer_kl_ci_low,
+                                                              s.share_answer_kl_ci_high) = shares[s.mode]
+        s.answer_kl, s.answer_kl_ci_low, s.answer_kl_ci_high, s.answer_nll = 0.5, 0.25, 0.75, 1.5
+    return summaries
+
+
+def test_the_study_checks_its_targets_on_both_the_first_token_and_the_answer_kl_share():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_study
+
+    summaries = ladder_summaries(**{
+        "cot": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), "no_think": ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        "oracle (bridge)": ((0.6, 0.4, 0.8), (0.1, -0.05, 0.2)), "shuffled (bridge)": ((0.2, 0.1, 0.3), (0.0, -0.1, 0.1)),
+        "trm (bridge)": ((0.3, 0.1, 0.5), (0.01, -0.1, 0.1))})
+    table = bench_study.ladder_table(summaries)
+    assert "share of answer KL recovered" in table[0] and "answer NLL" in table[0]
+    assert table[4].startswith("| oracle (bridge) |") and "| 0.50 [0.25, 0.75] | 1.50 | 0.10 [-0.05, 0.20] |" in table[4]
+    checks = bench_study.targets(summaries, {})
+    assert checks == [
+        "- met: [first-token KL] the oracle with the trained bridge recovers a share of CoT's KL reduction whose 95% "
+        "interval excludes 0 (0.60 [0.40, 0.80])",
+        "- met: [first-token KL] ... and clearly more than the shuffled control (its interval above the control's "
+        "value) (0.60 vs 0.20)",
+        "- met: [first-token KL] trm with the bridge recovers at least 30% of the oracle's gain (0.50 of the oracle's "
+        "share)",
+        "- **missed**: [answer KL, content-bearing] the oracle with the trained bridge recovers a share of CoT's KL "
+        "reduction whose 95% interval excludes 0 (0.10 [-0.05, 0.20])",
+        "- **missed**: [answer KL, content-bearing] ... and clearly more than the shuffled control (its interval "
+        "above the control's value) (0.10 vs 0.00)",
+        "- **missed**: [answer KL, content-bearing] trm with the bridge recovers at least 30% of the oracle's gain "
+        "(0.10 of the oracle's share)",
+    ]
+
+
+def test_the_demo_summary_shows_the_answer_kl_columns(tmp_path):
+    import sys
+    from dataclasses import asdict
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_summary
+
+    summaries = ladder_summaries(cot=((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), trm=((0.8, 0.7, 0.9), (0.2, 0.1, 0.3)))
+    (tmp_path / "eval").mkdir()
+    rows = [asdict(s) for s in summaries]
+    (tmp_path / "eval" / RESULTS_JSON).write_text(json.dumps({"config": {"problems": ["toy:0"]}, "summary": rows}))
+    lines, _ = demo_summary.evaluation_part(tmp_path / "eval", "Evaluation")
+    text = "\n".join(lines)
+    assert "| answer KL | answer NLL |" in text and "| share: answer KL |" in text
+    assert "| 0.5 [0.25, 0.75] | 1.5 |" in text and text.count("| 0.20 [0.10, 0.30] |") == 1
+    # a report written before the answer KL existed still reads, its new columns empty
+    old = [{k: v for k, v in row.items() if "answer_kl" not in k and "answer_nll" not in k} for row in rows]
+    (tmp_path / "eval" / RESULTS_JSON).write_text(json.dumps({"config": {"problems": ["toy:0"]}, "summary": old}))
+    assert "| - | - |" in "\n".join(demo_summary.evaluation_part(tmp_path / "eval", "Evaluation")[0])
+
+
 def test_without_cot_there_is_no_fidelity_and_without_no_think_no_share():
     rows = [result("trm", 0, correct=True, kl_to_cot=None)]
     only_trm = [summarize("trm", rows)]
