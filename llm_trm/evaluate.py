@@ -511,7 +511,8 @@ def plot_fidelity_ladder(summaries: Sequence[ModeSummary], path: Path | None = N
                              [(s.kl_to_cot, s.kl_ci_low, s.kl_ci_high) for s in ordered],
                              [(s.share_kl, s.share_kl_ci_low, s.share_kl_ci_high) for s in ordered],
                              [(s.answer_kl, s.answer_kl_ci_low, s.answer_kl_ci_high) for s in ordered],
-                             [(s.share_answer_kl, s.share_answer_kl_ci_low, s.share_answer_kl_ci_high) for s in ordered])
+                             [(s.share_answer_kl, s.share_answer_kl_ci_low, s.share_answer_kl_ci_high)
+                              for s in ordered])
     if path is not None:
         figure.savefig(path, dpi=120)
     return figure

@@ -82,8 +82,8 @@ from llm_trm.models.compressor import DimensionCompressor
 from llm_trm.models.trm import SequenceTRM, TRMOutput, closing_state
 from llm_trm.thinking import after_tag_ids, close_suffix_ids, cut_at_end, end_of_turn_ids
 
-__all__ = ["MODES", "LATENT_MODES", "ORACLE_MODES", "THINKING_MODES", "UNSCORED_MODES", "AnswerResult", "LatentInputs",
-           "LatentReasoner", "Thought", "derangement", "wilson_interval"]
+__all__ = ["MODES", "LATENT_MODES", "ORACLE_MODES", "THINKING_MODES", "UNSCORED_MODES", "AnswerResult",
+           "LatentInputs", "LatentReasoner", "Thought", "derangement", "wilson_interval"]
 
 MODES = ("cot", "no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled")
 LATENT_MODES = ("trm", "trm_first_token")  # the modes that need a trained TRM
@@ -91,7 +91,7 @@ ORACLE_MODES = ("oracle", "oracle_full", "shuffled")  # the LLM's own end-of-thi
 THINKING_MODES = ("cot", *ORACLE_MODES)  # the modes in which the LLM thinks (max_thinking_tokens >= 1)
 COMPRESSOR_MODES = (*LATENT_MODES, "oracle", "shuffled")
 Mode = Literal["cot", "no_think", "trm", "trm_first_token", "oracle", "oracle_full", "shuffled"]
-UNSCORED_MODES = ("trm_first_token",)  # no teacher-forced answer KL: the first answer token is lm_head's, not the LLM's
+UNSCORED_MODES = ("trm_first_token",)  # no teacher-forced answer KL: its first answer token is lm_head's
 
 
 # --------------------------------------------------------------------------- results
@@ -547,12 +547,12 @@ class LatentReasoner:
         """cot's results fit these problems, and cot's thinking on each problem it answered is remembered."""
         if isinstance(reference, str):
             if reference != "own" or mode != "cot":
-                raise LLMTRMError(f"reference={reference!r} in mode {mode}: only mode cot takes 'own' (its own answers); "
-                                  "the other modes take cot's results on the same problems.")
+                raise LLMTRMError(f"reference={reference!r} in mode {mode}: only mode cot takes 'own' (its own "
+                                  "answers); the other modes take cot's results on the same problems.")
             return
         if [row.sample_id for row in reference] != [problem.sample_id for problem in problems]:
-            raise LLMTRMError(f"reference= holds results for {len(reference)} problems that are not these {len(problems)} "
-                              "in this order: pass cot's results on the very problems being answered.")
+            raise LLMTRMError(f"reference= holds results for {len(reference)} problems that are not these "
+                              f"{len(problems)} in this order: pass cot's results on the very problems being answered.")
         if mode == "cot" or mode in UNSCORED_MODES:  # cot remembers its own thinking as it answers
             return
         for item in items:

@@ -221,14 +221,16 @@ def test_evaluate_command_writes_a_report_that_parses(tiny_backbone_dir, problem
 
     scalars, images = tensorboard_tags(tmp_path / "report" / "tensorboard")
     assert {"eval/trm/kl_to_cot", "eval/oracle/share_kl", "eval/shuffled/first_token_agreement",
-            "eval/cot/accuracy", "eval/trm/answer_kl", "eval/oracle/share_answer_kl", "eval/no_think/answer_nll"} <= scalars
+            "eval/cot/accuracy", "eval/trm/answer_kl", "eval/oracle/share_answer_kl",
+            "eval/no_think/answer_nll"} <= scalars
     assert {"eval/fidelity_ladder", "eval/accuracy_vs_tokens"} <= images
     printed = capsys.readouterr().out
     assert "speed-up vs cot" in printed and "trm_first_token" in printed and "CoT fidelity" in printed
     assert "checker errors" in printed and "one continuous generation" in printed
     assert "answer NLL" in printed and "Answer KL: cot's own answer" in printed
     with open(tmp_path / "report" / SUMMARY_CSV) as handle:
-        assert {"answer_kl", "answer_nll", "share_answer_kl", "share_answer_kl_ci_low"} <= set(next(csv.DictReader(handle)))
+        columns = set(next(csv.DictReader(handle)))
+    assert {"answer_kl", "answer_nll", "share_answer_kl", "share_answer_kl_ci_low"} <= columns
 
 
 # ------------------------------------------------------------------------------ modes, failures, warm-up
@@ -444,11 +446,13 @@ def test_the_study_checks_its_targets_on_both_the_first_token_and_the_answer_kl_
 
     summaries = ladder_summaries(**{
         "cot": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), "no_think": ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
-        "oracle (bridge)": ((0.6, 0.4, 0.8), (0.1, -0.05, 0.2)), "shuffled (bridge)": ((0.2, 0.1, 0.3), (0.0, -0.1, 0.1)),
+        "oracle (bridge)": ((0.6, 0.4, 0.8), (0.1, -0.05, 0.2)),
+        "shuffled (bridge)": ((0.2, 0.1, 0.3), (0.0, -0.1, 0.1)),
         "trm (bridge)": ((0.3, 0.1, 0.5), (0.01, -0.1, 0.1))})
     table = bench_study.ladder_table(summaries)
     assert "share of answer KL recovered" in table[0] and "answer NLL" in table[0]
-    assert table[4].startswith("| oracle (bridge) |") and "| 0.50 [0.25, 0.75] | 1.50 | 0.10 [-0.05, 0.20] |" in table[4]
+    assert table[4].startswith("| oracle (bridge) |")
+    assert "| 0.50 [0.25, 0.75] | 1.50 | 0.10 [-0.05, 0.20] |" in table[4]  # answer KL, NLL, share
     checks = bench_study.targets(summaries, {})
     assert checks == [
         "- met: [first-token KL] the oracle with the trained bridge recovers a share of CoT's KL reduction whose 95% "

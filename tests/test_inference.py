@@ -617,7 +617,8 @@ def test_no_think_answer_kl_is_two_unpadded_passes_by_hand(precise):
         assert row.answer_kl_to_cot == pytest.approx(kl, rel=1e-4)
         assert row.cot_answer_nll == pytest.approx(nll, rel=1e-5)
         # the test can tell: cot's context without its suffix's last token gives another KL
-        assert hand_kl_and_nll(ids_log_probs(reasoner, context[:-1], answer), mine, answer)[0] != pytest.approx(kl, rel=0.1)
+        wrong_kl = hand_kl_and_nll(ids_log_probs(reasoner, context[:-1], answer), mine, answer)[0]
+        assert wrong_kl != pytest.approx(kl, rel=0.1)
 
 
 def test_trm_answer_kl_is_a_hand_computation_through_soft_inputs(precise):

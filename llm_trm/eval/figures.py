@@ -149,7 +149,8 @@ def fidelity_ladder(modes: Sequence[str], kl: Sequence[Interval], share_kl: Sequ
         _interval_points(left, answer_at, answer_kl, "C2", "whole answer (teacher-forced)")
     if share_answer_kl is not None:
         _interval_points(right, answer_at, share_answer_kl, "C3", "whole answer (teacher-forced)")
-    left.set_ylabel("KL(cot ‖ mode) per answer token (nats)" if both else "KL(cot ‖ mode), first answer token (nats)")
+    left.set_ylabel("KL(cot ‖ mode) per answer token (nats)" if both else
+                    "KL(cot ‖ mode), first answer token (nats)")
     left.set_ylim(bottom=0)
     for level in (0.0, 1.0):
         right.axhline(level, color="k", linestyle="--", linewidth=0.8)
