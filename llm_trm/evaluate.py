@@ -686,12 +686,13 @@ def report_notes(config: Namespace, warmup_s: float | None) -> list[str]:
          "and no_think do not differ (nothing to recover); agreement intervals are Wilson 95%, KL and share "
          f"intervals a paired percentile bootstrap over problems ({config.bootstrap_resamples} resamples, seed "
          f"{config.bootstrap_seed}); 'no answer' counts problems left out of the KL because the mode wrote no answer."),
+        # no square brackets: the console reads them as markup
         ("Answer KL: cot's own answer (at most max_new_tokens, cut at the end of the turn) teacher-forced after "
-         "cot's context ([prompt][its thinking]</think>\n) and after the mode's (no_think: its prompt; the latent "
-         "and oracle modes: [prompt][soft vectors]</think>\n), KL(cot || mode) averaged over the answer's tokens, "
-         "then over problems (nats); answer NLL: cot's answer tokens under the mode, per token. Unlike the first "
-         "answer token (the same word in every mode of a templated answer), it sees the answer's content move. "
-         "trm_first_token is not scored (its first token is lm_head's, not the LLM's)."),
+         "cot's context (prompt, its thinking, the closing suffix) and after the mode's (no_think: its prompt; the "
+         "latent and oracle modes: prompt, soft vectors, closing suffix), KL(cot || mode) averaged over the answer's "
+         "tokens, then over problems (nats); answer NLL: cot's answer tokens under the mode, per token. Unlike the "
+         "first answer token (the same word in every mode of a templated answer), it sees the answer's content "
+         "move. trm_first_token is not scored (its first token is lm_head's, not the LLM's)."),
     ]
     return notes
 
