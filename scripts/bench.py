@@ -66,12 +66,14 @@ README = ROOT / "README.md"
 README_START, README_END = "<!-- results: written by scripts/bench.py -->", "<!-- /results -->"
 
 
-def _share(row: dict) -> str:
-    if row.get("share_kl") is None:
+def _share(row: dict, name: str = "share_answer_kl") -> str:
+    """A share recovered with its interval: of the answer KL (teacher-forced over cot's answer: the
+    content-bearing one) by default, or of the first-token KL."""
+    if row.get(name) is None:
         return "-"
-    low, high = row.get("share_kl_ci_low"), row.get("share_kl_ci_high")
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
     interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
-    return f"{row['share_kl']:.2f}{interval}"
+    return f"{row[name]:.2f}{interval}"
 
 
 def readme_results() -> str:
@@ -89,16 +91,16 @@ def readme_results() -> str:
                      f"embedded model closed its own thinking on {100 * (datagen.get('closed_share') or 0):.0f}% of "
                      f"{datagen.get('samples')} problems; held out, cot answered "
                      f"{100 * rows.get('cot', {}).get('accuracy', 0):.0f}% and no_think "
-                     f"{100 * rows.get('no_think', {}).get('accuracy', 0):.0f}% right; share of CoT's first-token KL "
-                     "reduction recovered: " + ", ".join(f"{mode} {_share(rows[mode])}" for mode in
-                                                         ("trm", "oracle", "oracle_full", "shuffled") if mode in rows)
-                     + " (BENCHMARKS.md, section demo).")
+                     f"{100 * rows.get('no_think', {}).get('accuracy', 0):.0f}% right; share of CoT's answer KL "
+                     "reduction recovered (teacher-forced over cot's answer): " + ", ".join(
+                         f"{mode} {_share(rows[mode])}" for mode in ("trm", "oracle", "oracle_full", "shuffled")
+                         if mode in rows) + " (BENCHMARKS.md, section demo).")
     study = ROOT / "benchmarks" / "study.json"
     if study.is_file():
         facts = json.loads(study.read_text())
         ladder = facts.get("ladder", [])
         lines.append(f"- **The study** (`make study`, {facts.get('wall_seconds', 0) / 60:.0f} min, "
-                     f"{len(facts.get('problems', []))} held-out problems): share of CoT's first-token KL reduction "
+                     f"{len(facts.get('problems', []))} held-out problems): share of CoT's answer KL reduction "
                      "recovered (95% interval): " + "; ".join(f"{row['mode']} {_share(row)}" for row in ladder
                                                               if row["mode"] not in ("cot", "no_think"))
                      + " (BENCHMARKS.md, section study, with the accuracy, agreement and the TRM's R^2).")
