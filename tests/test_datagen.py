@@ -35,7 +35,7 @@ from llm_trm.modules.datagen import (
     progress_postfix,
     write_tensorboard,
 )
-from llm_trm.thinking import close_suffix_ids
+from llm_trm.thinking import CLOSE_SUFFIX, close_suffix_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -543,7 +543,7 @@ def test_end_to_end_on_the_embedded_model(tmp_path, capsys):
     dataset = HiddenPairDataset(out, dtype="float32")
     for index, record in enumerate(records):
         assert llm.tokenizer.decode(record["token_ids"][: record["pre_length"]]).endswith(THINK_OPEN)
-        assert llm.tokenizer.decode(record["token_ids"]).endswith(THINK_CLOSE)
+        assert llm.tokenizer.decode(record["token_ids"]).endswith(CLOSE_SUFFIX)
         assert dataset[index]["pre"].shape == (record["pre_length"], 576)
         ids = torch.tensor([record["token_ids"]])
         states = llm.hidden_states(ids, torch.ones_like(ids), -1)[0]
