@@ -6,7 +6,7 @@
 On the embedded model, offline, on CPU, with the demo's problem family, prompt and budgets
 (configs/demo/*.yaml, scaled up), every step a real `llm-trm` command:
 
-1. datagen of a few hundred problems, storing the last 4 thinking states of each;
+1. datagen of 128 problems (of the family's 200), storing the last 4 thinking states of each;
 2. the compressor (stage 1a on general text, 1b on the datagen records), the TRM (m = 1), and
    two bridges: m = 1 (trained on true states and on the TRM's predictions) and m = 4 (true states);
 3. the ladder on held-out problems of the same family, all against the same `cot` run:
@@ -118,6 +118,19 @@ def run_pipeline(args: argparse.Namespace, work: Path, log: Path) -> dict[str, f
     seconds["bridge_m4"] = fit("bridge", work, work / "bridge_m4", {
         **bridge_data, "model.init_args.n_states": 4, "model.init_args.n_soft_vectors": 4}, log)
     return seconds
+
+
+def check_room_for_held_out(problems: int, eval_problems: int) -> None:
+    """Fail before hours of work when datagen would draw (nearly) every problem of the family,
+    leaving too few held-out ones for the ladder: a small family repeats its problems across splits."""
+    from llm_trm.data.problems import load_problems
+
+    dataset = yaml.safe_load((DEMO / "datagen.yaml").read_text())["data"]["dataset"]
+    drawn = {p.prompt for p in load_problems(dataset, "train", problems, 0)}
+    unseen = [p for p in load_problems(dataset, "test", problems + eval_problems, 0) if p.prompt not in drawn]
+    if len(unseen) < eval_problems:
+        sys.exit(f"bench_study: {dataset} leaves only {len(unseen)} problems unseen by {problems} datagen problems "
+                 f"(the ladder needs {eval_problems}): lower --problems or --eval-problems.")
 
 
 # --------------------------------------------------------------------------- the ladder
@@ -288,7 +301,9 @@ def write_figure(summaries: list[Any], work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(ROOT / "runs" / "study"), help="where the study's runs go")
-    parser.add_argument("--problems", type=int, default=256, help="datagen problems (train/val/test of the parts)")
+    # 128: the demo's family (two one-digit terms) has only 200 distinct problems, and the ladder needs
+    # 64 of them that datagen never drew
+    parser.add_argument("--problems", type=int, default=128, help="datagen problems (train/val/test of the parts)")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems in the ladder")
     parser.add_argument("--trm-epochs", type=int, default=40)
     parser.add_argument("--bridge-epochs", type=int, default=4)
@@ -298,6 +313,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "study.log"
+    check_room_for_held_out(args.problems, args.eval_problems)
     started = time.perf_counter()
     seconds = run_pipeline(args, work, log)
     summaries, facts = run_ladder(args, work)

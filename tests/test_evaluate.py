@@ -470,6 +470,20 @@ def test_the_study_checks_its_targets_on_both_the_first_token_and_the_answer_kl_
     ]
 
 
+def test_the_study_refuses_to_draw_every_problem_of_a_small_family(capsys):
+    """The demo's family has 200 distinct problems: 256 datagen draws would leave the ladder none held out."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_study
+
+    bench_study.check_room_for_held_out(128, 64)  # 71 left unseen: enough
+    with pytest.raises(SystemExit, match="leaves only 0 problems unseen by 256 datagen problems"):
+        bench_study.check_room_for_held_out(256, 64)
+    with pytest.raises(SystemExit, match="leaves only 71 problems unseen by 128"):
+        bench_study.check_room_for_held_out(128, 80)
+
+
 def test_the_demo_summary_shows_the_answer_kl_columns(tmp_path):
     import sys
     from dataclasses import asdict
