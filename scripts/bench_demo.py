@@ -2,7 +2,7 @@
 
     python scripts/bench.py demo     # BENCHMARKS.md `demo` section + benchmarks/demo.json (about 12 minutes on 2 CPU cores)
 
-Every number in the section is read by `scripts/demo_summary.py` from what the demo wrote under runs/demo.
+Runs from nothing: an existing runs/demo is moved aside first. Every number in the section is read by `scripts/demo_summary.py` from what the demo wrote under runs/demo.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    previous = ROOT / "runs" / "demo"
+    if previous.exists():  # timed as a newcomer runs it: from nothing (the old outputs are kept beside it)
+        from llm_trm.files import move_aside
+
+        print(f"bench demo: moved the previous demo outputs to {move_aside(previous, 'before-bench')}", file=sys.stderr)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr)
     if run.returncode != 0:
