@@ -2,7 +2,8 @@
 
     python scripts/bench.py demo     # BENCHMARKS.md `demo` section + benchmarks/demo.json (about 12 minutes on 2 CPU cores)
 
-Runs from nothing: an existing runs/demo is moved aside first. Every number in the section is read by `scripts/demo_summary.py` from what the demo wrote under runs/demo.
+Runs from nothing: an existing runs/demo is moved aside first. Every number in the section is read by
+`scripts/demo_summary.py` from what the demo wrote under runs/demo.
 """
 
 from __future__ import annotations
