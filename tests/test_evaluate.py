@@ -466,7 +466,7 @@ def test_the_study_checks_its_targets_on_both_the_first_token_and_the_answer_kl_
         "- **missed**: [answer KL, content-bearing] ... and clearly more than the shuffled control (its interval "
         "above the control's value) (0.10 vs 0.00)",
         "- **missed**: [answer KL, content-bearing] trm with the bridge recovers at least 30% of the oracle's gain "
-        "(0.10 of the oracle's share)",
+        "(0.10 of the oracle's share; hollow: the oracle does no better than shuffled)",
     ]
 
 
@@ -482,6 +482,18 @@ def test_the_study_refuses_to_draw_every_problem_of_a_small_family(capsys):
         bench_study.check_room_for_held_out(256, 64)
     with pytest.raises(SystemExit, match="leaves only 71 problems unseen by 128"):
         bench_study.check_room_for_held_out(128, 80)
+
+
+def test_the_study_times_a_reused_step_as_it_ran_before(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_study
+
+    record = tmp_path / "step_seconds.json"
+    assert bench_study.with_recorded_times({"datagen": 5.0, "stage1a": 0.0}, record) == {"datagen": 5.0}
+    # a rerun that reuses datagen (0 s now) and trains the TRM: datagen keeps its recorded 5 s
+    assert bench_study.with_recorded_times({"datagen": 0.0, "trm": 3.0}, record) == {"datagen": 5.0, "trm": 3.0}
 
 
 def test_the_demo_summary_shows_the_answer_kl_columns(tmp_path):
