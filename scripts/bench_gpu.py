@@ -440,9 +440,11 @@ def measure_datagen(bench: Bench, batch: int, options: dict[str, Any], warmup_to
         timed_predict(bench, warm, problems)
     prefill_s, prefill_tokens = timed_predict(bench, datagen_module(bench, 1, **options), problems)
     seconds, thinking = timed_predict(bench, datagen_module(bench, tokens, **options), problems)
-    decode = (thinking - prefill_tokens) / max(seconds - prefill_s, 1e-9)
+    # two separate runs: on a noisy machine the one-token run can take as long as the full one (no rate then)
+    decode = (thinking - prefill_tokens) / (seconds - prefill_s) if seconds > prefill_s else None
     return {"batch": batch, "thinking_tokens": thinking, "seconds": seconds, "thinking_tokens_per_s": thinking / seconds,
-            "prefill_s": prefill_s, "decode_tokens_per_s": decode, "decode_tokens_per_s_per_sequence": decode / batch,
+            "prefill_s": prefill_s, "decode_tokens_per_s": decode,
+            "decode_tokens_per_s_per_sequence": None if decode is None else decode / batch,
             "first_call_s": first_call_s}
 
 
@@ -477,7 +479,7 @@ def part_datagen(bench: Bench, out: dict[str, Any]) -> None:
                               "source": source, "bound_tokens_per_s": bound, "ratio_at_batch_1": None}
     run_datagen_rows(bench, out, bench.scale.datagen_batches, {})
     single = next((row for row in out["rows"] if row.get("batch") == 1 and "error" not in row), None)
-    if bound and single:
+    if bound and single and single["decode_tokens_per_s"] is not None:
         out["bandwidth_bound"]["ratio_at_batch_1"] = single["decode_tokens_per_s"] / bound
 
 
