@@ -345,11 +345,8 @@ def _correct_values(rows: Sequence[AnswerResult]) -> list[float]:
     return [0.0 if r.error is not None else math.nan if r.correct is None else float(r.correct) for r in rows]
 
 
-def _agreement_values(rows: Sequence[AnswerResult], name: str) -> list[float]:
-    return [math.nan if getattr(r, name) is None else float(getattr(r, name)) for r in rows]
-
-
 def _float_values(rows: Sequence[AnswerResult], name: str) -> list[float]:
+    """Per problem, the field `name` as a float (a yes/no as 1/0), NaN where it is None."""
     return [math.nan if getattr(r, name) is None else float(getattr(r, name)) for r in rows]
 
 
@@ -369,13 +366,13 @@ def add_fidelity(summaries: Sequence[ModeSummary], results: dict[str, list[Answe
     if "cot" not in results:
         return
     values = {mode: {"accuracy": _correct_values(rows),
-                     "answer_agreement": _agreement_values(rows, "answer_agrees_with_cot"),
-                     "first_token_agreement": _agreement_values(rows, "first_token_agrees_with_cot"),
+                     "answer_agreement": _float_values(rows, "answer_agrees_with_cot"),
+                     "first_token_agreement": _float_values(rows, "first_token_agrees_with_cot"),
                      "kl": _float_values(rows, "kl_to_cot"),
                      "answer_kl": _float_values(rows, "answer_kl_to_cot"),
                      "answer_nll": _float_values(rows, "cot_answer_nll")} for mode, rows in results.items()}
     cot, baseline = values["cot"], values.get("no_think")
-    # cot's answer KL to itself is 0 by definition (computed, it is 0 up to rounding): the share's reference
+    # cot's answer KL to itself is 0 by definition: the share's reference
     cot = {**cot, "answer_kl": [0.0] * len(cot["answer_kl"])}
     cot_has_kl = [not math.isnan(v) for v in cot["kl"]]
     for summary in summaries:

@@ -430,7 +430,7 @@ class LatentReasoner:
             result.thinking_tokens, result.thinking_text = len(thought.ids), self.decode(thought.ids)
             result.closed_thinking = thought.closed
             results.append(result)
-        if reference is not None:  # the mode's context is cot's own: the same one, run twice
+        if reference is not None:  # the mode's context is cot's own: one pass serves both sides
             context = self._cot_context(batch, max_thinking_tokens)
             self._score_answers(results, self._reference_answers(batch, reference, results, max_new_tokens), context,
                                 context)
@@ -535,7 +535,7 @@ class LatentReasoner:
             return
         ids, mask = pad_token_ids(answers, self.tokenizer.pad_token_id, self.device, side="right")
         reference = self._answer_log_probs(cot, ids, mask)
-        mine = self._answer_log_probs(mode, ids, mask)
+        mine = reference if mode is cot else self._answer_log_probs(mode, ids, mask)  # cot: its own context
         kl, nll = answer_kl(reference, mine, mask).tolist(), answer_nll(mine, ids, mask).tolist()
         del reference, mine
         for result, row_kl, row_nll in zip(results, kl, nll, strict=True):
