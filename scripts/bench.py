@@ -5,6 +5,7 @@
     python scripts/bench.py gpu             # the GPU benchmark (`make bench-gpu`): only when named, needs CUDA
     python scripts/bench.py study           # the study (`make study`, ~1 hour on 2 CPU cores): only when named
     python scripts/bench.py demo            # run the demo and record its own summary: only when named
+    python scripts/bench.py clean_clone     # `make demo` + `make test` in a fresh clone, as a new user: only when named
 
 Each section is a script `scripts/bench_<name>.py` that prints a markdown body to stdout.
 Its section in BENCHMARKS.md (between `<!-- bench:<name> -->` markers) is replaced with
@@ -24,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTIONS = ["phase1", "datagen", "thinking", "shards", "trm", "evaluate", "grpo", "sandbox"]
-# run only when named: gpu needs a CUDA device, the study takes about an hour, demo reruns `make demo`
-ON_REQUEST = ["gpu", "study", "demo"]
+# run only when named: gpu needs a CUDA device, the study takes about an hour, demo reruns `make demo`,
+# clean_clone sets up a fresh clone and runs `make demo` and `make test` there
+ON_REQUEST = ["gpu", "study", "demo", "clean_clone"]
 
 
 def machine() -> str:
